@@ -1,0 +1,87 @@
+"""Tiny random decoder models built from a config, saved as HF safetensors dirs.
+
+Widths are deliberately not multiples of 128 (ROSE's block size), attention uses
+GQA, and embeddings are tied, so the code paths that real models hit are hit here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+FAMILY_DEFAULTS = {
+    "llama": dict(model_type="llama", attention_bias=False, mlp_bias=False),
+    "mistral": dict(model_type="mistral", sliding_window=None),
+    "qwen2": dict(model_type="qwen2"),
+    "qwen3": dict(model_type="qwen3", head_dim=16),
+}
+
+
+def tiny_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
+    """A byte-ish word-level tokenizer that needs no download."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for i in range(vocab_size - 3):
+        vocab[f"w{i}"] = i + 3
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    return fast
+
+
+def make_tiny_model(
+    path: Path,
+    family: str = "llama",
+    hidden_size: int = 200,
+    intermediate_size: int = 328,
+    num_layers: int = 3,
+    num_heads: int = 5,
+    num_kv_heads: int = 1,
+    vocab_size: int = 256,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Save a random model of `family` with a tokenizer to `path` and return it."""
+    torch.manual_seed(seed)
+    extra = dict(FAMILY_DEFAULTS[family])
+    model_type = extra.pop("model_type")
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * 0.08)
+    model = model.to(dtype)
+    path = Path(path)
+    model.save_pretrained(path)
+    tiny_tokenizer(vocab_size).save_pretrained(path)
+    return path
+
+
+def tiny_text(n_words: int = 20000, vocab_size: int = 256, seed: int = 0) -> str:
+    """Random 'w<i>' words with a Zipf-like skew so that models see structure."""
+    g = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, vocab_size - 2, dtype=torch.float64)
+    ids = torch.multinomial(weights, n_words, replacement=True, generator=g)
+    return " ".join(f"w{i}" for i in ids.tolist())
