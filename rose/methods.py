@@ -1,0 +1,183 @@
+"""All pruning methods behind one signature.
+
+`prune_weight(method, weight, hessian, sparsity, settings)` is the only entry
+point the pipeline uses, so adding a method means adding one function here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rose.ordering import (
+    Ordering,
+    rose_order,
+    scores,
+    smallest_mask,
+    smallest_per_row_groups,
+)
+from rose.sparsity import Sparsity, prune_count
+from rose.sweep import sweep
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    blocksize: int = 128
+    percdamp: float = 0.01
+    threshold: float = 0.5
+    reorder: str = "adaptive"  # adaptive | always | never (ROSE only)
+    compute_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.blocksize < 1:
+            raise ValueError(f"blocksize must be positive, got {self.blocksize}")
+        if not (self.percdamp >= 0):
+            raise ValueError(f"percdamp must be >= 0, got {self.percdamp}")
+
+
+@dataclass
+class PruneResult:
+    weight: torch.Tensor  # pruned, same dtype and device as the input
+    mask: torch.Tensor  # True where pruned by the method
+    ordering: Ordering | None  # ROSE diagnostics (also computed for SparseGPT)
+    damping: float | None = None
+    damping_retries: int = 0
+    seconds: float = 0.0
+
+    @property
+    def sparsity(self) -> float:
+        return float((self.weight == 0).float().mean())
+
+
+def reconstruction_error(
+    original: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor
+) -> float:
+    """Layer output error tr(D H D^T) / tr(W H W^T), D = pruned - original."""
+    W = original.double()
+    D = pruned.double() - W
+    H = hessian.double().to(W.device)
+    denominator = float(((W @ H) * W).sum())
+    if denominator <= 0:
+        return 0.0
+    return float(((D @ H) * D).sum()) / denominator
+
+
+def validate(
+    weight: torch.Tensor, hessian: torch.Tensor | None, sparsity: Sparsity, what: str
+) -> None:
+    if weight.ndim != 2:
+        raise ValueError(f"{what}: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    sparsity.check_width(weight.shape[1], what)
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{what}: weight contains NaN or Inf")
+    if hessian is not None:
+        cols = weight.shape[1]
+        if tuple(hessian.shape) != (cols, cols):
+            raise ValueError(
+                f"{what}: Hessian shape {tuple(hessian.shape)} does not match weight input width {cols}"
+            )
+        if not bool(torch.isfinite(hessian).all()):
+            raise ValueError(f"{what}: Hessian contains NaN or Inf")
+
+
+def _sparsegpt(weight, hessian, sparsity, settings, order: Ordering) -> PruneResult:
+    result = sweep(
+        weight,
+        hessian,
+        sparsity,
+        order,
+        percdamp=settings.percdamp,
+        blocksize=settings.blocksize,
+        compute_dtype=settings.compute_dtype,
+    )
+    return PruneResult(result.weight, result.mask, order, result.damping, result.damping_retries)
+
+
+def prune_rose(weight, hessian, sparsity, settings) -> PruneResult:
+    order = rose_order(
+        weight, hessian, sparsity, settings.blocksize, settings.threshold, settings.reorder
+    )
+    return _sparsegpt(weight, hessian, sparsity, settings, order)
+
+
+def prune_sparsegpt(weight, hessian, sparsity, settings) -> PruneResult:
+    # The diagnostics are computed anyway (cheap) so reports can show which
+    # layers ROSE would have reordered; the sweep itself uses the identity.
+    diagnostics = rose_order(
+        weight, hessian, sparsity, settings.blocksize, settings.threshold, "never"
+    )
+    return _sparsegpt(weight, hessian, sparsity, settings, diagnostics)
+
+
+def _mask_by(values: torch.Tensor, sparsity: Sparsity, per_row: bool) -> torch.Tensor:
+    if sparsity.is_nm:
+        return smallest_per_row_groups(values, sparsity.n, sparsity.m)
+    if not per_row:
+        return smallest_mask(values, prune_count(values.numel(), sparsity.fraction))
+    count = prune_count(values.shape[1], sparsity.fraction)
+    order = torch.sort(values, dim=1, stable=True).indices
+    mask = torch.zeros_like(values, dtype=torch.bool)
+    mask.scatter_(1, order[:, :count], True)
+    return mask
+
+
+def prune_wanda(weight, hessian, sparsity, settings) -> PruneResult:
+    """Zero, per output row, the smallest |W_ij| * sqrt(H_jj); no weight update."""
+    mask = _mask_by(scores(weight, torch.diagonal(hessian)), sparsity, per_row=True)
+    return PruneResult(weight.masked_fill(mask, 0), mask, None)
+
+
+def prune_magnitude(weight, hessian, sparsity, settings) -> PruneResult:
+    """Zero the smallest |W_ij| of the whole matrix (N:M: per group of M)."""
+    mask = _mask_by(weight.double().abs(), sparsity, per_row=False)
+    return PruneResult(weight.masked_fill(mask, 0), mask, None)
+
+
+def prune_dense(weight, hessian, sparsity, settings) -> PruneResult:
+    return PruneResult(weight.clone(), torch.zeros_like(weight, dtype=torch.bool), None)
+
+
+PruneFn = Callable[[torch.Tensor, torch.Tensor | None, Sparsity, PruneSettings], PruneResult]
+
+METHODS: dict[str, PruneFn] = {
+    "rose": prune_rose,
+    "sparsegpt": prune_sparsegpt,
+    "wanda": prune_wanda,
+    "magnitude": prune_magnitude,
+    "dense": prune_dense,
+}
+
+NEEDS_HESSIAN = {"rose", "sparsegpt", "wanda"}
+
+
+def prune_weight(
+    method: str,
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    sparsity: Sparsity | str | float,
+    settings: PruneSettings | None = None,
+    what: str = "weight",
+) -> PruneResult:
+    """Prune one Linear's weight [out, in] with `method`; `what` names it in errors."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    if not isinstance(sparsity, Sparsity):
+        sparsity = Sparsity.parse(sparsity)
+    settings = settings or PruneSettings()
+    if method in NEEDS_HESSIAN and hessian is None:
+        raise ValueError(f"{what}: method {method!r} needs a Hessian")
+    validate(weight, hessian if method in NEEDS_HESSIAN else None, sparsity, what)
+    started = time.perf_counter()
+    with torch.no_grad():
+        result = METHODS[method](weight, hessian, sparsity, settings)
+    if weight.is_cuda:
+        torch.cuda.synchronize(weight.device)
+    result.seconds = time.perf_counter() - started
+    if not bool(torch.isfinite(result.weight).all()):
+        raise ValueError(
+            f"{what}: pruning produced NaN or Inf (method {method}, sparsity {sparsity})"
+        )
+    return result

@@ -1,0 +1,157 @@
+"""ROSE ordering: which columns SparseGPT should sweep first.
+
+SparseGPT compensates each pruned weight with the columns still to come, so
+errors that sit in late columns go uncompensated. ROSE pre-prunes with the
+Wanda-like score |W_ij| * sqrt(H_jj), measures where the would-be-pruned score
+mass sits (per column and per block), and, when blocks differ a lot (a
+"columnar" layer), sweeps the lossiest blocks and columns first.
+See shared/ROSE.md for the contract this implements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rose.sparsity import Sparsity, prune_count
+
+REORDER_MODES = ("adaptive", "always", "never")
+
+
+@dataclass
+class Ordering:
+    """The sweep order of one Linear's columns plus the diagnostics users plot.
+
+    `permutation[k]` is the original index of the column swept k-th;
+    `block_widths` are the mask blocks in sweep order (they coincide with the
+    original ROSE blocks, so a narrow last block keeps its width wherever it
+    lands). For N:M the blocks are the groups of M.
+    """
+
+    permutation: torch.Tensor
+    block_widths: list[int]
+    block_loss: torch.Tensor
+    column_loss: torch.Tensor
+    relative_range: float
+    columnar: bool
+    reordered: bool
+    threshold: float
+    inverse: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inverse = torch.argsort(self.permutation)
+
+
+def scores(weight: torch.Tensor, hessian_diag: torch.Tensor) -> torch.Tensor:
+    """S_ij = |W_ij| * sqrt(H_jj), in float64 for a stable ordering."""
+    return weight.double().abs() * hessian_diag.double().clamp_min(0).sqrt().unsqueeze(0)
+
+
+def block_bounds(columns: int, width: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) ranges of `width`; the last may be narrower."""
+    return [(start, min(start + width, columns)) for start in range(0, columns, width)]
+
+
+def smallest_mask(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean mask of the `count` smallest entries (ties: lower flat index first)."""
+    mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    if count > 0:
+        order = torch.sort(values.reshape(-1), stable=True).indices
+        mask[order[:count]] = True
+    return mask.reshape(values.shape)
+
+
+def smallest_per_row_groups(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Mask of the n smallest entries per row in every group of m columns."""
+    rows, cols = values.shape
+    grouped = values.reshape(rows, cols // m, m)
+    order = torch.sort(grouped, dim=-1, stable=True).indices
+    mask = torch.zeros_like(grouped, dtype=torch.bool)
+    mask.scatter_(-1, order[..., :n], True)
+    return mask.reshape(rows, cols)
+
+
+def loss_matrix(score: torch.Tensor, sparsity: Sparsity, blocksize: int) -> torch.Tensor:
+    """Scores of the would-be-pruned weights (zero elsewhere), block by block."""
+    if sparsity.is_nm:
+        return score * smallest_per_row_groups(score, sparsity.n, sparsity.m)
+    loss = torch.zeros_like(score)
+    for start, end in block_bounds(score.shape[1], blocksize):
+        block = score[:, start:end]
+        loss[:, start:end] = block * smallest_mask(
+            block, prune_count(block.numel(), sparsity.fraction)
+        )
+    return loss
+
+
+def relative_range(block_loss: torch.Tensor) -> float:
+    """(max - min) / max of the block losses; 0 when nothing would be pruned."""
+    top = float(block_loss.max())
+    if top <= 0.0:
+        return 0.0
+    return (top - float(block_loss.min())) / top
+
+
+def rose_order(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: Sparsity,
+    blocksize: int = 128,
+    threshold: float = 0.5,
+    reorder: str = "adaptive",
+) -> Ordering:
+    """Decide the sweep order of one Linear (blocks of `blocksize`, or N:M groups)."""
+    if reorder not in REORDER_MODES:
+        raise ValueError(f"reorder must be one of {REORDER_MODES}, got {reorder!r}")
+    columns = weight.shape[1]
+    width = sparsity.m if sparsity.is_nm else blocksize
+    bounds = block_bounds(columns, width)
+    widths = torch.tensor([end - start for start, end in bounds], dtype=torch.float64)
+
+    loss = loss_matrix(scores(weight, torch.diagonal(hessian)), sparsity, blocksize)
+    column_loss = loss.sum(dim=0)
+    block_sum = torch.stack([column_loss[start:end].sum() for start, end in bounds])
+    block_loss = block_sum.cpu() / widths
+    spread = relative_range(block_loss)
+    columnar = spread > threshold
+    reordered = reorder == "always" or (reorder == "adaptive" and columnar)
+
+    if not reordered:
+        permutation = torch.arange(columns)
+        block_order = list(range(len(bounds)))
+    else:
+        block_order = torch.sort(-block_loss, stable=True).indices.tolist()
+        column_loss_cpu = column_loss.cpu()
+        pieces = []
+        for b in block_order:
+            start, end = bounds[b]
+            inside = torch.sort(-column_loss_cpu[start:end], stable=True).indices
+            pieces.append(inside + start)
+        permutation = torch.cat(pieces)
+    return Ordering(
+        permutation=permutation.to(torch.int64),
+        block_widths=[bounds[b][1] - bounds[b][0] for b in block_order],
+        block_loss=block_loss.float(),
+        column_loss=column_loss.float().cpu(),
+        relative_range=spread,
+        columnar=columnar,
+        reordered=reordered,
+        threshold=threshold,
+    )
+
+
+def identity_order(columns: int, blocksize: int, sparsity: Sparsity) -> Ordering:
+    """SparseGPT's left-to-right order, with empty diagnostics."""
+    width = sparsity.m if sparsity.is_nm else blocksize
+    bounds = block_bounds(columns, width)
+    return Ordering(
+        permutation=torch.arange(columns, dtype=torch.int64),
+        block_widths=[end - start for start, end in bounds],
+        block_loss=torch.zeros(len(bounds)),
+        column_loss=torch.zeros(columns),
+        relative_range=0.0,
+        columnar=False,
+        reordered=False,
+        threshold=float("nan"),
+    )

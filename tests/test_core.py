@@ -1,0 +1,265 @@
+"""The ROSE core against the slow references in tests/reference.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import ref_magnitude, ref_rose_order, ref_sweep, ref_wanda
+
+from rose.hessian import HessianAccumulator
+from rose.methods import PruneSettings, prune_weight, reconstruction_error
+from rose.ordering import rose_order
+from rose.sparsity import Sparsity
+
+F64 = PruneSettings(compute_dtype=torch.float64)
+
+
+def make_problem(
+    rows: int, cols: int, seed: int, columnar_block: int | None = None, tokens: int = 0
+):
+    """Random W and a correlated, full-rank H (optionally one block with big activations)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    tokens = tokens or max(2 * cols, 64)
+    mix = torch.eye(cols, dtype=torch.float64) + 0.3 * torch.randn(
+        cols, cols, generator=g, dtype=torch.float64
+    ) / math.sqrt(cols)
+    X = torch.randn(4, tokens // 4, cols, generator=g, dtype=torch.float64) @ mix
+    if columnar_block is not None:
+        a = columnar_block * 128
+        X[..., a : a + 128] *= 8.0
+    acc = HessianAccumulator(cols, dtype=torch.float64)
+    acc.add(X)
+    return W, acc.finalize()
+
+
+def parse(spec: str) -> tuple[Sparsity, dict]:
+    s = Sparsity.parse(spec)
+    return s, (dict(n=s.n, m=s.m) if s.is_nm else dict(fraction=s.fraction))
+
+
+sparsity_specs = st.one_of(
+    st.sampled_from([0.0, 0.1, 0.5, 0.7, 0.9]).map(str),
+    st.floats(0.0, 0.95).map(lambda p: f"{p:.3f}"),
+    st.sampled_from(["2:4", "4:8", "1:4", "3:8", "1:2"]),
+)
+widths = st.sampled_from([64, 100, 128, 200, 576])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(2, 9),
+    cols=widths,
+    spec=sparsity_specs,
+    seed=st.integers(0, 10_000),
+    reorder=st.sampled_from(["adaptive", "always", "never"]),
+    blocksize=st.sampled_from([128, 64, 48]),
+)
+def test_rose_matches_reference(rows, cols, spec, seed, reorder, blocksize):
+    sparsity, kw = parse(spec)
+    if sparsity.is_nm and cols % sparsity.m:
+        cols = (cols // sparsity.m) * sparsity.m
+    W, H = make_problem(
+        rows, cols, seed, columnar_block=(seed % 2) if cols > 256 and seed % 3 == 0 else None
+    )
+    s = PruneSettings(blocksize=blocksize, reorder=reorder, compute_dtype=torch.float64)
+    order = rose_order(W, H, sparsity, blocksize, s.threshold, reorder)
+    perm, bw, block_loss, spread, reordered = ref_rose_order(
+        W, H, blocksize=blocksize, reorder=reorder, **kw
+    )
+    assert order.permutation.tolist() == perm
+    assert order.block_widths == bw
+    assert order.reordered == reordered
+    assert order.relative_range == pytest.approx(spread, rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(
+        order.block_loss.double(),
+        torch.tensor(block_loss, dtype=torch.float64),
+        rtol=1e-5,
+        atol=1e-9,
+    )
+
+    fast = prune_weight("rose", W, H, sparsity, s)
+    ref_w, ref_mask = ref_sweep(W, H, perm, bw, **kw)
+    assert torch.equal(fast.mask, ref_mask)
+    torch.testing.assert_close(fast.weight, ref_w, rtol=1e-6, atol=1e-9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(2, 9), cols=widths, spec=sparsity_specs, seed=st.integers(0, 10_000))
+def test_sparsegpt_matches_reference(rows, cols, spec, seed):
+    sparsity, kw = parse(spec)
+    if sparsity.is_nm and cols % sparsity.m:
+        cols = (cols // sparsity.m) * sparsity.m
+    W, H = make_problem(rows, cols, seed)
+    fast = prune_weight("sparsegpt", W, H, sparsity, F64)
+    bw = [min(128, cols - a) for a in range(0, cols, sparsity.m if sparsity.is_nm else 128)]
+    ref_w, ref_mask = ref_sweep(W, H, list(range(cols)), bw, **kw)
+    assert torch.equal(fast.mask, ref_mask)
+    torch.testing.assert_close(fast.weight, ref_w, rtol=1e-6, atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 12), cols=widths, spec=sparsity_specs, seed=st.integers(0, 10_000))
+def test_wanda_and_magnitude_match_reference(rows, cols, spec, seed):
+    sparsity, kw = parse(spec)
+    if sparsity.is_nm and cols % sparsity.m:
+        cols = (cols // sparsity.m) * sparsity.m
+    W, H = make_problem(rows, cols, seed, tokens=64)
+    assert torch.equal(prune_weight("wanda", W, H, sparsity).weight, ref_wanda(W, H, **kw))
+    assert torch.equal(prune_weight("magnitude", W, None, sparsity).weight, ref_magnitude(W, **kw))
+
+
+@pytest.mark.parametrize("method", ["rose", "sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("spec", ["0.5", "0.7", "0.33"])
+def test_exact_unstructured_sparsity(method, spec):
+    """Per block (sweep methods), per row (wanda) or per matrix (magnitude): floor(p * n)."""
+    W, H = make_problem(16, 576, seed=3, columnar_block=4 if method == "rose" else None)
+    p = float(spec)
+    result = prune_weight(method, W, H, spec)
+    zeros = result.weight == 0
+    if method == "wanda":
+        assert (zeros.sum(1) == math.floor(576 * p)).all()
+    elif method == "magnitude":
+        assert int(zeros.sum()) == math.floor(W.numel() * p)
+    else:
+        order = result.ordering
+        start = 0
+        for width in order.block_widths:
+            cols = order.permutation[start : start + width]
+            assert int(zeros[:, cols].sum()) == math.floor(16 * width * p)
+            start += width
+
+
+@pytest.mark.parametrize("method", ["rose", "sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("spec", ["2:4", "4:8", "1:4"])
+def test_nm_pattern_valid_in_original_order(method, spec):
+    s = Sparsity.parse(spec)
+    W, H = make_problem(12, 576, seed=5, columnar_block=2)
+    result = prune_weight(method, W, H, s, PruneSettings(reorder="always"))
+    zeros = (result.weight == 0).reshape(12, 576 // s.m, s.m).sum(-1)
+    assert (zeros == s.n).all()
+    if method == "rose":
+        assert result.ordering.reordered
+        assert result.ordering.permutation.tolist() != list(range(576))
+
+
+def test_rose_equals_sparsegpt_bitwise_when_not_columnar():
+    W, H = make_problem(32, 576, seed=11)
+    W32, H32 = W.float(), H.float()
+    rose = prune_weight("rose", W32, H32, "0.6")
+    assert not rose.ordering.columnar and not rose.ordering.reordered
+    assert rose.ordering.permutation.tolist() == list(range(576))
+    sgpt = prune_weight("sparsegpt", W32, H32, "0.6")
+    assert torch.equal(rose.weight, sgpt.weight)
+
+
+def test_narrow_last_block_keeps_its_width():
+    W, H = make_problem(8, 576, seed=1, columnar_block=4)  # block 4 is the 64-wide one
+    order = rose_order(W, H, Sparsity(0.5))
+    assert order.columnar and order.reordered
+    assert order.block_widths[0] == 64
+    assert sorted(order.permutation[:64].tolist()) == list(range(512, 576))
+    assert sorted(order.block_widths) == [64, 128, 128, 128, 128]
+
+
+@pytest.mark.parametrize("spec", ["0.5", "0.6", "0.7", "0.8", "2:4"])
+def test_rose_beats_sparsegpt_on_a_columnar_layer(spec):
+    """Large errors in the last block: ROSE sweeps it first and compensates better."""
+    W, H = make_problem(64, 512, seed=7, columnar_block=3, tokens=2048)
+    rose = prune_weight("rose", W, H, spec, F64)
+    sgpt = prune_weight("sparsegpt", W, H, spec, F64)
+    assert rose.ordering.columnar
+    err_rose = reconstruction_error(W, rose.weight, H)
+    err_sgpt = reconstruction_error(W, sgpt.weight, H)
+    assert err_rose < err_sgpt, (err_rose, err_sgpt)
+
+
+def test_deterministic_and_dtype_preserved():
+    W, H = make_problem(16, 200, seed=2)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        a = prune_weight("rose", W.to(dtype), H.float(), "0.5", PruneSettings(reorder="always"))
+        b = prune_weight("rose", W.to(dtype), H.float(), "0.5", PruneSettings(reorder="always"))
+        assert a.weight.dtype == dtype
+        assert torch.equal(a.weight, b.weight)
+        assert a.sparsity >= 0.5
+
+
+def test_threads_do_not_change_the_mask():
+    W, H = make_problem(24, 256, seed=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = prune_weight("rose", W.float(), H.float(), "0.5", PruneSettings(reorder="always"))
+        torch.set_num_threads(2)
+        two = prune_weight("rose", W.float(), H.float(), "0.5", PruneSettings(reorder="always"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.mask, two.mask)
+
+
+def test_dead_inputs_and_zero_sparsity():
+    W, H = make_problem(8, 128, seed=9)
+    H[5, :] = 0
+    H[:, 5] = 0
+    result = prune_weight("sparsegpt", W, H, "0.0", F64)
+    assert (result.weight[:, 5] == 0).all()
+    dense = prune_weight("magnitude", W, None, 0.0)
+    assert torch.equal(dense.weight, W)
+
+
+def test_hessian_accumulator_any_leading_shape():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 10, 7, generator=g, dtype=torch.float64)
+    expected = 2.0 / 6 * sum(X[k].T @ X[k] for k in range(6))
+    acc = HessianAccumulator(7, dtype=torch.float64)
+    acc.add(X[:2])
+    acc.add(X[2:5])
+    acc.add(X[5])  # [seq, cols] is one sequence
+    torch.testing.assert_close(acc.finalize(), expected)
+    acc4 = HessianAccumulator(7, dtype=torch.float64)
+    acc4.add(X.reshape(2, 3, 10, 7))
+    torch.testing.assert_close(acc4.finalize(), expected)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda W, H: prune_weight("rose", W, H, 1.0), "sparsity must be a fraction"),
+        (lambda W, H: prune_weight("rose", W, H, -0.1), "sparsity must be a fraction"),
+        (lambda W, H: prune_weight("rose", W, H, "4:4"), "0 < N < M"),
+        (lambda W, H: prune_weight("rose", W, H, "2:3"), "multiple of 3"),
+        (lambda W, H: prune_weight("rose", W, H, "abc"), "N:M"),
+        (lambda W, H: prune_weight("rose", W, H[:10, :10], 0.5), "Hessian shape"),
+        (
+            lambda W, H: prune_weight(
+                "rose", W.index_fill(1, torch.tensor([3]), float("nan")), H, 0.5
+            ),
+            "NaN",
+        ),
+        (
+            lambda W, H: prune_weight(
+                "sparsegpt", W, H.index_fill(0, torch.tensor([3]), float("inf")), 0.5
+            ),
+            "NaN or Inf",
+        ),
+        (lambda W, H: prune_weight("nope", W, H, 0.5), "unknown method"),
+        (lambda W, H: prune_weight("rose", W, None, 0.5), "needs a Hessian"),
+    ],
+)
+def test_bad_input_raises_clear_value_error(call, message):
+    W, H = make_problem(4, 64, seed=0)
+    with pytest.raises(ValueError, match=message):
+        call(W, H)
+
+
+def test_not_positive_definite_hessian_gets_more_damping():
+    W, _ = make_problem(4, 64, seed=0)
+    v = torch.randn(64, 1, dtype=torch.float64)
+    H = v @ v.T - 0.5 * torch.eye(64, dtype=torch.float64)  # indefinite
+    H.diagonal().abs_()
+    result = prune_weight("sparsegpt", W, H, 0.5, F64)
+    assert result.damping_retries > 0 and result.damping > 0.01
