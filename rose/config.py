@@ -1,0 +1,287 @@
+"""Typed run settings built from the validated YAML.
+
+The YAML is checked against rose/schema/config.schema.yaml first, so a bad key
+or value fails at start with one line naming it, before any artifact exists.
+Everything downstream reads these dataclasses, never the raw dict.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from rose.data import TextSource
+from rose.methods import PruneSettings
+from rose.sparsity import Sparsity
+
+DEFAULTS: dict[str, Any] = {
+    "results_dir": "results",
+    "device": "auto",
+    "keep_intermediates": False,
+    "model": {"revision": None, "dtype": "auto", "trust_remote_code": False, "allow_pickle": False},
+    "calibration": {"seed": 0, "batch_size": 8},
+    "prune": {"blocksize": 128, "percdamp": 0.01, "threshold": 0.5, "reorder": "adaptive", "layers": None},
+    "evaluation": None,
+}
+EVAL_DEFAULTS: dict[str, Any] = {"batch_size": 4, "perplexity": [], "zero_shot": None}
+ZERO_SHOT_DEFAULTS: dict[str, Any] = {
+    "tasks": ["winogrande", "boolq", "piqa", "openbookqa", "hellaswag", "arc_easy", "arc_challenge"],
+    "limit": None,
+    "batch_size": 8,
+    "offline": False,
+    "task_dirs": [],
+}
+
+
+class ConfigError(ValueError):
+    """The run configuration is invalid; the message names the key and value."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    source: str
+    revision: str | None = None
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    source: TextSource
+    nsamples: int
+    seqlen: int
+    seed: int = 0
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class PerplexitySpec:
+    name: str
+    source: TextSource
+    seqlen: int
+    max_windows: int | None = None
+
+
+@dataclass(frozen=True)
+class ZeroShotSettings:
+    tasks: tuple[str, ...]
+    limit: int | None = None
+    batch_size: int = 8
+    offline: bool = False
+    task_dirs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    batch_size: int = 4
+    perplexity: tuple[PerplexitySpec, ...] = ()
+    zero_shot: ZeroShotSettings | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    method: str
+    sparsity: Sparsity
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.sparsity.label}"
+
+    @classmethod
+    def parse(cls, name: str) -> Variant:
+        method, _, label = name.partition("-")
+        if not label:
+            raise ConfigError(f"variant {name!r} is not <method>-<sparsity>, e.g. rose-0.5")
+        return cls(method, Sparsity.parse(label))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: str
+    model: ModelSettings
+    calibration: CalibrationSettings
+    methods: tuple[str, ...]
+    sparsities: tuple[Sparsity, ...]
+    prune: PruneSettings
+    layers: int | None = None
+    results_dir: str = "results"
+    device: str = "auto"
+    keep_intermediates: bool = False
+    evaluation: EvaluationSettings | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.results_dir) / self.run
+
+    @property
+    def variants(self) -> list[Variant]:
+        return [Variant(m, s) for m in self.methods if m != "dense" for s in self.sparsities]
+
+    def variant(self, name: str) -> Variant:
+        for variant in self.variants:
+            if variant.name == name:
+                return variant
+        raise ConfigError(
+            f"variant {name!r} is not in this config (have: {', '.join(v.name for v in self.variants)})"
+        )
+
+    def calibration_provenance(self) -> dict[str, Any]:
+        """What decides the calibration tokens and layer-0 inputs."""
+        return {"calibration": self.raw["calibration"], "model_dtype": self.model.dtype}
+
+    def variant_provenance(self, variant: Variant) -> dict[str, Any]:
+        """What decides a variant's per-layer artifacts (everything upstream included)."""
+        return {
+            **self.calibration_provenance(),
+            "variant": variant.name,
+            "prune": {k: v for k, v in self.raw["prune"].items() if k != "layers"},
+        }
+
+
+def schema() -> dict[str, Any]:
+    text = resources.files("rose").joinpath("schema/config.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _merge(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def validate(raw: dict[str, Any]) -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError("config: expected a mapping at the top level")
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = errors[0]
+        key = ".".join(str(p) for p in error.absolute_path) or "<top level>"
+        value = error.instance if error.absolute_path else ""
+        shown = f" = {value!r}" if error.absolute_path else ""
+        raise ConfigError(f"config: {key}{shown}: {_short(error.message)}")
+
+
+def _short(message: str) -> str:
+    return message if len(message) < 200 else message[:197] + "..."
+
+
+def _source(raw: dict[str, Any]) -> TextSource:
+    return TextSource(**raw)
+
+
+def from_dict(given: dict[str, Any]) -> RunConfig:
+    """Validate a config mapping (as Snakemake's `config`) and build the settings."""
+    validate(given)
+    raw = _merge(DEFAULTS, given)
+    if raw.get("evaluation"):
+        raw["evaluation"] = _merge(EVAL_DEFAULTS, raw["evaluation"])
+        if raw["evaluation"].get("zero_shot"):
+            raw["evaluation"]["zero_shot"] = _merge(ZERO_SHOT_DEFAULTS, raw["evaluation"]["zero_shot"])
+    else:
+        raw["evaluation"] = None
+    sparsities = []
+    for value in raw["sparsities"]:
+        try:
+            sparsities.append(Sparsity.parse(value))
+        except ValueError as exc:
+            raise ConfigError(f"config: sparsities = {value!r}: {exc}") from None
+    prune = raw["prune"]
+    if prune["blocksize"] < 1:
+        raise ConfigError("config: prune.blocksize must be positive")
+    calib = raw["calibration"]
+    evaluation = None
+    if raw["evaluation"]:
+        ev = raw["evaluation"]
+        zs = ev.get("zero_shot")
+        evaluation = EvaluationSettings(
+            batch_size=ev["batch_size"],
+            perplexity=tuple(
+                PerplexitySpec(
+                    name=p["name"],
+                    source=_source(p["source"]),
+                    seqlen=p.get("seqlen", calib["seqlen"]),
+                    max_windows=p.get("max_windows"),
+                )
+                for p in ev["perplexity"]
+            ),
+            zero_shot=ZeroShotSettings(
+                tasks=tuple(zs["tasks"]),
+                limit=zs["limit"],
+                batch_size=zs["batch_size"],
+                offline=zs["offline"],
+                task_dirs=tuple(zs["task_dirs"]),
+            )
+            if zs
+            else None,
+        )
+        names = [p.name for p in evaluation.perplexity]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"config: evaluation.perplexity names must be unique, got {names}")
+    return RunConfig(
+        run=raw["run"],
+        model=ModelSettings(**raw["model"]),
+        calibration=CalibrationSettings(
+            source=_source(calib["source"]),
+            nsamples=calib["nsamples"],
+            seqlen=calib["seqlen"],
+            seed=calib["seed"],
+            batch_size=calib["batch_size"],
+        ),
+        methods=tuple(raw["methods"]),
+        sparsities=tuple(sparsities),
+        prune=PruneSettings(
+            blocksize=prune["blocksize"],
+            percdamp=prune["percdamp"],
+            threshold=prune["threshold"],
+            reorder=prune["reorder"],
+        ),
+        layers=prune["layers"],
+        results_dir=raw["results_dir"],
+        device=raw["device"],
+        keep_intermediates=raw["keep_intermediates"],
+        evaluation=evaluation,
+        raw=raw,
+    )
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config (safe_load) and apply nested overrides."""
+    path = Path(path)
+    try:
+        given = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    return from_dict(_merge(given or {}, overrides or {}))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """'calibration.nsamples=16' -> {'calibration': {'nsamples': 16}} (value parsed as YAML)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not key=value")
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def as_dict(cfg: RunConfig) -> dict[str, Any]:
+    return asdict(cfg)

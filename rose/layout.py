@@ -1,0 +1,59 @@
+"""Where every artifact of a run lives; the Snakefile and the runner share these names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    run_dir: Path
+
+    @property
+    def model_json(self) -> Path:
+        return self.run_dir / "model.json"
+
+    @property
+    def converted_model(self) -> Path:
+        return self.run_dir / "model"
+
+    @property
+    def tokens(self) -> Path:
+        return self.run_dir / "calib" / "tokens.h5"
+
+    def layer_dir(self, variant: str, layer: int) -> Path:
+        return self.run_dir / variant / f"layer_{layer}"
+
+    def inputs(self, variant: str, layer: int) -> Path:
+        """Layer 0's inputs (embeddings) are shared by all variants."""
+        if layer == 0:
+            return self.run_dir / "calib" / "inputs.h5"
+        return self.layer_dir(variant, layer) / "inputs.h5"
+
+    def hessians(self, variant: str, layer: int) -> Path:
+        return self.layer_dir(variant, layer) / "hessians.h5"
+
+    def order(self, variant: str, layer: int) -> Path:
+        return self.layer_dir(variant, layer) / "order.h5"
+
+    def pruned(self, variant: str, layer: int) -> Path:
+        return self.layer_dir(variant, layer) / "pruned.safetensors"
+
+    def stats(self, variant: str, layer: int) -> Path:
+        return self.layer_dir(variant, layer) / "stats.json"
+
+    def model_dir(self, variant: str) -> Path:
+        return self.run_dir / variant / "model"
+
+    def perplexity(self, variant: str, name: str) -> Path:
+        return self.run_dir / variant / "eval" / f"perplexity-{name}.json"
+
+    def zero_shot(self, variant: str) -> Path:
+        return self.run_dir / variant / "eval" / "zero_shot.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.run_dir / "report"
