@@ -51,6 +51,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = _tmp_name(path)
     remove_path(tmp)
     try:
@@ -72,6 +73,42 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         remove_path(tmp)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporaries left by a killed writer (its pid is gone) are never renamed; drop them."""
+    for candidate in path.parent.glob(f"{path.name}{TMP_MARK}*"):
+        suffix = candidate.name[len(path.name) + len(TMP_MARK) :]
+        if suffix.isdigit() and not _pid_alive(int(suffix)):
+            remove_path(candidate)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Refuse a second writer on the same run directory instead of letting two interleave."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArtifactError(f"{what} is in use by another run (lock {path}); wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def remove_path(path: Path) -> None:

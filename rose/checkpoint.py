@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rose.artifacts import atomic_path, atomic_write_json
 
@@ -49,8 +50,6 @@ class Checkpoint:
 
     @classmethod
     def open(cls, path: str | Path, trust_remote_code: bool = False) -> Checkpoint:
-        from transformers import AutoConfig
-
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"{path}: no config.json, not a Hugging Face model directory")
@@ -285,8 +284,6 @@ def _from_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF file through transformers into a float32 safetensors dir (once)."""
     if (out_dir / "config.json").is_file():
         return out_dir
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -171,7 +171,10 @@ def validate(raw: dict[str, Any]) -> None:
         key = ".".join(str(p) for p in error.absolute_path) or "<top level>"
         value = error.instance if error.absolute_path else ""
         shown = f" = {value!r}" if error.absolute_path else ""
-        raise ConfigError(f"config: {key}{shown}: {_short(error.message)}")
+        message = error.message
+        if error.absolute_path and error.absolute_path[0] == "sparsities":
+            message = "a sparsity is a fraction in [0, 1) or an N:M pattern such as '2:4'"
+        raise ConfigError(f"config: {key}{shown}: {_short(message)}")
 
 
 def _short(message: str) -> str:

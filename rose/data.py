@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 C4_REPO = "allenai/c4"
 C4_FILES = {
@@ -109,7 +110,13 @@ def _head_or_tail(docs: list[str], source: TextSource) -> list[str]:
         return docs
     if source.split not in ("head", "tail"):
         raise DataError(f"text source {source.kind}: split must be head, tail or all, got {source.split!r}")
-    tail = max(1, math.ceil(len(docs) * (source.fraction or DEFAULT_TAIL)))
+    fraction = source.fraction or DEFAULT_TAIL
+    if len(docs) == 1:  # one running text: cut it by characters, at a space
+        text = docs[0]
+        cut = text.rfind(" ", 0, int(len(text) * (1 - fraction)))
+        cut = cut if cut > 0 else int(len(text) * (1 - fraction))
+        return [text[:cut]] if source.split == "head" else [text[cut + 1 :]]
+    tail = max(1, math.ceil(len(docs) * fraction))
     if tail >= len(docs):
         raise DataError(f"text source {source.describe()}: too few documents ({len(docs)}) to split")
     return docs[:-tail] if source.split == "head" else docs[-tail:]
@@ -151,8 +158,6 @@ def _hub_documents(source: TextSource) -> list[str]:
 
 
 def tokenizer_for(model_dir: str | Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except Exception as exc:

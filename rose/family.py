@@ -9,10 +9,15 @@ embedding output is scaled. New families are one more row here.
 from __future__ import annotations
 
 import importlib
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+# transformers resolves its modules lazily and not thread-safely; Snakemake runs
+# local jobs as threads, so the first resolution of each family is serialised.
+_IMPORT_LOCK = threading.Lock()
 
 LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -40,10 +45,11 @@ class Family:
         return [name for group in self.input_groups for name in group]
 
     def classes(self) -> tuple[type, type]:
-        modeling = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
-        return getattr(modeling, f"{self.class_prefix}DecoderLayer"), getattr(
-            modeling, f"{self.class_prefix}RotaryEmbedding"
-        )
+        with _IMPORT_LOCK:
+            modeling = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
+            return getattr(modeling, f"{self.class_prefix}DecoderLayer"), getattr(
+                modeling, f"{self.class_prefix}RotaryEmbedding"
+            )
 
 
 FAMILIES: dict[str, Family] = {

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rose import stages
-from rose.artifacts import remove_path
+from rose.artifacts import exclusive_lock, remove_path
 from rose.config import RunConfig, Variant
 from rose.layout import DENSE, RunLayout
 from rose.methods import NEEDS_HESSIAN
@@ -232,5 +232,6 @@ class Runner:
 
 
 def run(cfg: RunConfig, evaluate: bool = True, report: bool = True) -> RunResult:
-    """Everything the workflow does, in this process."""
-    return Runner(cfg).run(evaluate=evaluate, report=report)
+    """Everything the workflow does, in this process (one runner per run directory at a time)."""
+    with exclusive_lock(cfg.run_dir / ".rose.lock", f"run directory {cfg.run_dir}"):
+        return Runner(cfg).run(evaluate=evaluate, report=report)

@@ -8,6 +8,7 @@ hash) and is refused on read if it was produced for something else.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -43,6 +44,7 @@ from rose.ordering import Ordering, loss_map, rose_order
 
 log = logging.getLogger("rose")
 
+PROVENANCE_KEY = "rose_provenance"
 HIDDEN = "hidden"
 TOKENS = "tokens"
 METHODS_WITH_ORDER = {"rose", "sparsegpt"}
@@ -406,17 +408,19 @@ def prune_layer(
             log.warning("layer %d %s: Hessian needed percdamp %.3g", layer, name, result.damping)
     provenance = layer_provenance(cfg, info, "pruned", variant, layer)
     with atomic_path(out_safetensors) as tmp:
-        save_file(pruned, str(tmp), metadata={k: str(v) for k, v in provenance.items()})
+        # One metadata key: safetensors writes several in random order, and the bytes must not vary.
+        save_file(pruned, str(tmp), metadata={PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)})
     atomic_write_json(out_stats, {"provenance": provenance, "linears": stats})
     return stats
 
 
 def read_pruned(cfg: RunConfig, info: ModelInfo, variant: Variant, layer: int, path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
-    expected = {k: str(v) for k, v in layer_provenance(cfg, info, "pruned", variant, layer).items()}
+    expected = layer_provenance(cfg, info, "pruned", variant, layer)
     try:
         with safe_open(str(path), framework="pt") as fh:
-            check_provenance(path, fh.metadata() or {}, expected)
+            found = json.loads((fh.metadata() or {}).get(PROVENANCE_KEY, "{}"))
+            check_provenance(path, found, expected)
             return {name: fh.get_tensor(name) for name in fh.keys()}
     except FileNotFoundError:
         raise

@@ -1,0 +1,94 @@
+"""Helpers to run the workflow and the in-process runner on tiny models in tests."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def write_config(path: Path, model_dir: Path, text_file: Path, results: Path, **extra) -> Path:
+    config = {
+        "run": "tiny",
+        "results_dir": str(results),
+        "model": {"source": str(model_dir)},
+        "calibration": {
+            "source": {"kind": "file", "path": str(text_file), "split": "head"},
+            "nsamples": 6,
+            "seqlen": 32,
+            "batch_size": 4,
+        },
+        "methods": ["rose", "magnitude"],
+        "sparsities": [0.5],
+        "device": "cpu",
+        "evaluation": None,
+    }
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snakemake_cmd(configfile: Path, workdir: Path, *extra: str) -> list[str]:
+    return [
+        SNAKEMAKE,
+        "--snakefile", str(REPO / "Snakefile"),
+        "--directory", str(workdir),
+        "--configfile", str(configfile),
+        "--cores", "2",
+        "--force-use-threads",
+        "--rerun-incomplete",
+        *extra,
+    ]
+
+
+def run_snakemake(configfile: Path, workdir: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(snakemake_cmd(configfile, workdir, *extra), capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def run_snakemake_api(configfile: Path, workdir: Path, targets: list[str] | None = None) -> None:
+    """The workflow through Snakemake's Python API (threads: one torch import)."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (
+        ConfigSettings,
+        DAGSettings,
+        ExecutionSettings,
+        OutputSettings,
+        ResourceSettings,
+    )
+
+    with SnakemakeApi(OutputSettings()) as api:
+        workflow = api.workflow(
+            resource_settings=ResourceSettings(cores=2),
+            config_settings=ConfigSettings(configfiles=[configfile]),
+            snakefile=REPO / "Snakefile",
+            workdir=workdir,
+        )
+        dag = workflow.dag(DAGSettings(targets=targets or []))
+        dag.execute_workflow(executor="local", execution_settings=ExecutionSettings(use_threads=True))
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def weights_digest(run_dir: Path, variant: str) -> dict[str, str]:
+    """Bytes of every pruned layer file and of the reassembled weights of one variant."""
+    out = {}
+    for file in sorted((run_dir / variant).glob("layer_*/pruned.safetensors")):
+        out[str(file.relative_to(run_dir))] = digest(file)
+    for file in sorted((run_dir / variant / "model").glob("*.safetensors")):
+        out[str(file.relative_to(run_dir))] = digest(file)
+    return out

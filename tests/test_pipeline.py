@@ -1,0 +1,182 @@
+"""End to end on a tiny random Llama: the workflow, the runner, the reassembled models, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from pipeline_utils import (
+    REPO,
+    run_snakemake,
+    run_snakemake_api,
+    snakemake_cmd,
+    weights_digest,
+    write_config,
+)
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from rose import config as rose_config
+from rose import runner
+
+METHODS = ["rose", "sparsegpt", "wanda", "magnitude"]
+SPARSITIES = [0.5, "2:4"]
+VARIANTS = [f"{m}-{s}" for m in METHODS for s in ("0.5", "2of4")]
+
+
+@pytest.fixture(scope="module")
+def workflow_run(tmp_path_factory, tiny_llama_dir, tiny_text_file):
+    """One Snakemake run (Python API) of every method at 50% and 2:4."""
+    tmp = tmp_path_factory.mktemp("workflow")
+    cfg = write_config(
+        tmp / "config.yaml", tiny_llama_dir, tiny_text_file, tmp / "results",
+        methods=METHODS, sparsities=SPARSITIES,
+    )
+    targets = [str(tmp / "results" / "tiny" / v / "model") for v in VARIANTS]
+    run_snakemake_api(cfg, tmp, targets)
+    return tmp / "results" / "tiny", cfg
+
+
+def test_workflow_equals_in_process_runner(workflow_run, tmp_path):
+    run_dir, cfg_path = workflow_run
+    cfg = rose_config.load(cfg_path, {"results_dir": str(tmp_path)})
+    runner.run(cfg, evaluate=False, report=False)
+    for variant in VARIANTS:
+        assert weights_digest(run_dir, variant) == weights_digest(tmp_path / "tiny", variant), variant
+
+
+def test_intermediates_are_removed_by_default(workflow_run):
+    run_dir, _ = workflow_run
+    assert not list(run_dir.rglob("hessians.h5"))
+    assert not list(run_dir.rglob("inputs.h5"))
+    assert len(list(run_dir.rglob("order.h5"))) == 3 * 4  # rose and sparsegpt keep their diagnostics
+    assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]
+
+
+def _linears(model):
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            yield name, module.weight.detach()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reassembled_model_loads_with_expected_sparsity(workflow_run, tiny_llama_dir, variant):
+    run_dir, _ = workflow_run
+    model = AutoModelForCausalLM.from_pretrained(run_dir / variant / "model")
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    linears = dict(_linears(model))
+    assert len(linears) == 3 * 7
+    for name, weight in linears.items():
+        zero = weight == 0
+        if variant.endswith("2of4"):
+            groups = zero.reshape(weight.shape[0], -1, 4).sum(-1)
+            assert bool((groups >= 2).all()), f"{name}: a group of 4 with fewer than 2 zeros"
+        else:
+            assert 0.49 <= float(zero.float().mean()) <= 0.51, name
+    # everything that is not a pruned Linear is the dense model's, and the head stays tied
+    dense_state = dense.state_dict()
+    for name, tensor in model.state_dict().items():
+        if not any(name.startswith(lin) for lin in linears):
+            assert torch.equal(tensor, dense_state[name]), name
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    logits = model(torch.randint(3, 256, (1, 16))).logits
+    assert bool(torch.isfinite(logits).all())
+
+
+def test_pruning_json_records_settings_and_per_linear_stats(workflow_run):
+    run_dir, _ = workflow_run
+    manifest = json.loads((run_dir / "rose-0.5" / "model" / "pruning.json").read_text())
+    assert manifest["method"] == "rose" and manifest["sparsity"] == "0.5"
+    assert manifest["blocksize"] == 128 and manifest["percdamp"] == 0.01 and manifest["threshold"] == 0.5
+    assert manifest["calibration"]["nsamples"] == 6 and manifest["calibration"]["seqlen"] == 32
+    assert {"torch", "transformers", "rose"} <= set(manifest["versions"])
+    assert len(manifest["linears"]) == 21
+    entry = manifest["linears"]["model.layers.1.mlp.down_proj"]
+    for key in ("sparsity", "relative_range", "columnar", "reconstruction_error", "seconds"):
+        assert key in entry
+    assert entry["reconstruction_error"] > 0
+    assert abs(manifest["achieved_sparsity"] - 0.5) < 0.01
+
+
+def test_rose_equals_sparsegpt_where_no_layer_is_reordered(workflow_run):
+    """ROSE differs from SparseGPT only in Linears it reorders."""
+    run_dir, _ = workflow_run
+    for layer in range(3):
+        stats = json.loads((run_dir / "rose-0.5" / f"layer_{layer}" / "stats.json").read_text())["linears"]
+        rose_w = load_file(run_dir / "rose-0.5" / f"layer_{layer}" / "pruned.safetensors")
+        sgpt_w = load_file(run_dir / "sparsegpt-0.5" / f"layer_{layer}" / "pruned.safetensors")
+        if layer == 0:  # same inputs, so untouched Linears must match bit for bit
+            for name, entry in stats.items():
+                if not entry["reordered"]:
+                    assert torch.equal(rose_w[name + ".weight"], sgpt_w[name + ".weight"]), name
+
+
+def _pruned_count(run_dir: Path) -> int:
+    return len(list(run_dir.rglob("pruned.safetensors")))
+
+
+def _kill_when(cmd: list[str], ready, timeout: float = 300) -> None:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ready():
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.parametrize("kill_after", [0, 2, 4])
+def test_kill_and_resume_gives_identical_weights(workflow_run, tmp_path, tiny_llama_dir, tiny_text_file, kill_after):
+    """SIGKILL the controller after `kill_after` pruned layers, rerun: same bytes as a clean run."""
+    clean_dir, _ = workflow_run
+    results = tmp_path / "results"
+    cfg = write_config(
+        tmp_path / "config.yaml", tiny_llama_dir, tiny_text_file, results,
+        methods=["rose", "sparsegpt"], sparsities=[0.5],
+    )
+    targets = [str(results / "tiny" / v / "model") for v in ("rose-0.5", "sparsegpt-0.5")]
+    ready = (lambda: (results / "tiny" / "calib" / "tokens.h5").exists()) if kill_after == 0 else (
+        lambda: _pruned_count(results) >= kill_after
+    )
+    _kill_when(snakemake_cmd(cfg, tmp_path, *targets), ready)
+    assert not (results / "tiny" / "rose-0.5" / "model").exists() or kill_after > 0
+    subprocess.run(snakemake_cmd(cfg, tmp_path, "--unlock"), check=True, capture_output=True)
+    run_snakemake(cfg, tmp_path, *targets)
+    for variant in ("rose-0.5", "sparsegpt-0.5"):
+        assert weights_digest(results / "tiny", variant) == weights_digest(clean_dir, variant)
+
+
+def test_resume_after_intermediates_were_removed(workflow_run, tmp_path, tiny_llama_dir, tiny_text_file):
+    """Losing a finished layer's outputs regenerates the removed inputs behind it, bit-identically."""
+    clean_dir, _ = workflow_run
+    results = tmp_path / "results"
+    cfg = write_config(tmp_path / "config.yaml", tiny_llama_dir, tiny_text_file, results, methods=["rose"], sparsities=[0.5])
+    target = str(results / "tiny" / "rose-0.5" / "model")
+    run_snakemake(cfg, tmp_path, target)
+    import shutil
+
+    shutil.rmtree(results / "tiny" / "rose-0.5" / "model")
+    for name in ("pruned.safetensors", "stats.json"):
+        (results / "tiny" / "rose-0.5" / "layer_2" / name).unlink()
+    run_snakemake(cfg, tmp_path, target)
+    assert weights_digest(results / "tiny", "rose-0.5") == weights_digest(clean_dir, "rose-0.5")
+
+
+def test_in_process_runner_resumes_after_kill(workflow_run, tmp_path, tiny_llama_dir, tiny_text_file):
+    clean_dir, _ = workflow_run
+    results = tmp_path / "results"
+    cfg = write_config(tmp_path / "config.yaml", tiny_llama_dir, tiny_text_file, results, methods=["rose"], sparsities=[0.5])
+    cmd = [str(Path(os.sys.executable)), "-m", "rose", "run", "--config", str(cfg), "--no-eval", "-q"]
+    _kill_when(cmd, lambda: _pruned_count(results) >= 2)
+    subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
+    assert weights_digest(results / "tiny", "rose-0.5") == weights_digest(clean_dir, "rose-0.5")
