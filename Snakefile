@@ -30,3 +30,10 @@ rule all:
     input:
         final_outputs,
     default_target: True
+
+
+onsuccess:
+    summary = LAYOUT.report_dir / "summary.md"
+    if summary.exists():
+        print(summary.read_text())
+    print(f"results: {RUN} (per-job logs under {RUN}/logs/)")

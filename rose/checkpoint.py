@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rose.artifacts import atomic_path, atomic_write_json
@@ -93,6 +92,17 @@ class Checkpoint:
                 out[name] = tuple(meta["shape"])
         return out
 
+    def specs(self) -> dict[str, TensorSpec]:
+        """Name, dtype and shape of every tensor, from the shard headers (no tensor is read)."""
+        by_code = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+        out = {}
+        for shard in sorted(set(self.weight_map.values())):
+            for name, meta in _header(self.path / shard).items():
+                if meta["dtype"] not in by_code:
+                    raise ModelSourceError(f"{self.path / shard}: unsupported dtype {meta['dtype']} for {name}")
+                out[name] = TensorSpec(name, by_code[meta["dtype"]], tuple(meta["shape"]))
+        return out
+
     def dtype(self) -> torch.dtype:
         for name in self.names():
             if name.endswith(".weight") and ".layers." in name:
@@ -155,44 +165,86 @@ def _weight_map(path: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- writing
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _write_safetensors(path: Path, specs: list[TensorSpec], tensors: Iterator[tuple[str, torch.Tensor]],
+                       metadata: dict[str, str] | None) -> None:
+    """Write the header first, then each tensor as it arrives: one tensor in memory at a time."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]
+        }
+        offset += spec.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for spec in specs:
+            name, tensor = next(tensors)
+            if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                raise ValueError(
+                    f"{path}: expected {spec.name} {spec.dtype} {spec.shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}"
+                )
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            fh.write(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+
+
 def save_sharded(
     out_dir: str | Path,
+    specs: list[TensorSpec],
     tensors: Iterable[tuple[str, torch.Tensor]],
     metadata: dict[str, str] | None = None,
     shard_bytes: int = SHARD_BYTES,
 ) -> list[str]:
-    """Stream tensors into HF-style shards (plus an index when more than one)."""
+    """Stream tensors (in `specs` order) into HF-style shards, plus an index when several.
+
+    Memory stays at one tensor whatever the model size, so reassembling a 70B
+    model needs no more host memory than pruning one of its layers.
+    """
     out_dir = Path(out_dir)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    written: list[Path] = []
+    shards: list[list[TensorSpec]] = [[]]
     size = 0
-
-    def flush() -> None:
-        part = out_dir / f"part-{len(written):05d}.safetensors"
-        save_file(shards[-1], str(part), metadata=metadata)
-        written.append(part)
-
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            flush()
-            shards.append({})
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor.contiguous()
-        size += nbytes
-    flush()
-    if len(written) == 1:
-        written[0].rename(out_dir / "model.safetensors")
-        return ["model.safetensors"]
-    names = [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
-    weight_map, total = {}, 0
-    for part, name in zip(written, names, strict=True):
-        part.rename(out_dir / name)
-        for tensor_name, meta in _header(out_dir / name).items():
-            weight_map[tensor_name] = name
-            begin, end = meta["data_offsets"]
-            total += end - begin
-    atomic_write_json(out_dir / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        shards[-1].append(spec)
+        size += spec.nbytes
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    stream = iter(tensors)
+    for name, shard in zip(names, shards, strict=True):
+        _write_safetensors(out_dir / name, shard, stream, metadata)
+    if next(stream, None) is not None:
+        raise ValueError(f"{out_dir}: more tensors than planned")
+    if len(shards) > 1:
+        weight_map = {spec.name: name for name, shard in zip(names, shards, strict=True) for spec in shard}
+        total = sum(spec.nbytes for spec in specs)
+        atomic_write_json(out_dir / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return names
 
 
@@ -262,11 +314,18 @@ def _from_pickle(path: Path, pickles: list[Path], out_dir: Path) -> Path:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:
                 raise ModelSourceError(f"{file}: cannot be loaded with weights_only=True ({_first_line(exc)})") from None
-            yield from ((name, tensor.contiguous()) for name, tensor in state.items())
+            seen: set[int] = set()
+            for name, tensor in state.items():
+                pointer = tensor.untyped_storage().data_ptr()
+                if pointer in seen and name == "lm_head.weight":
+                    continue  # tied to the embedding; transformers re-ties it on load
+                seen.add(pointer)
+                yield name, tensor
 
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors()]
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        save_sharded(tmp, tensors(), metadata={"format": "pt"})
+        save_sharded(tmp, specs, tensors(), metadata={"format": "pt"})
         _copy_side_files(path, tmp)
     return out_dir
 

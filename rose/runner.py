@@ -215,6 +215,7 @@ class Runner:
                 )
 
     def run(self, evaluate: bool = True, report: bool = True) -> RunResult:
+        stages.check_run(self.cfg)
         self.prepare()
         variants = self.cfg.variants
         for variant in variants:

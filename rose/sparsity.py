@@ -22,7 +22,7 @@ class Sparsity:
     m: int = 0
 
     def __post_init__(self) -> None:
-        if self.m:
+        if self.m or self.n:
             if not (0 < self.n < self.m):
                 raise ValueError(f"N:M sparsity needs 0 < N < M, got {self.n}:{self.m}")
         elif not (isinstance(self.fraction, float | int) and 0.0 <= self.fraction < 1.0):

@@ -163,6 +163,40 @@ def _log_progress(stage: str, done: int, total: int, started: float) -> None:
 # ---------------------------------------------------------------- stages
 
 
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def run_identity(cfg: RunConfig) -> dict[str, Any]:
+    """What every artifact of a run depends on: a run directory holds one of these."""
+    return {"model": cfg.raw["model"], "calibration": cfg.raw["calibration"], "prune": cfg.raw["prune"]}
+
+
+def check_run(cfg: RunConfig, write: bool = True) -> None:
+    """Refuse to mix a changed config into an existing run directory (name the first changed key)."""
+    path = cfg.run_dir / "run.json"
+    wanted = run_identity(cfg)
+    if path.exists():
+        found = read_json(path)
+        old, new = _flatten(found), _flatten(wanted)
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            key = changed[0]
+            raise ArtifactError(
+                f"{cfg.run_dir} was made with {key} = {old.get(key)!r}, this config has {new.get(key)!r}; "
+                "use a new run name or delete the run directory"
+            )
+    elif write:
+        atomic_write_json(path, wanted)
+
+
+
+
 def prepare_model(cfg: RunConfig, out_json: str | Path) -> ModelInfo:
     """Resolve the model source to a local safetensors checkpoint and describe it."""
     path = ckpt.prepare_model(
@@ -494,10 +528,13 @@ def assemble_model(
 
     layer_of = {Path(path): layer for layer, path in enumerate(pruned_paths)}
 
+    order = sorted(checkpoint.names(), key=lambda n: (_layer_index(fam, n), n))
+    specs = checkpoint.specs()
+
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         # Grouped by layer so each pruned file is read once; one layer in memory.
         current: tuple[Path, dict[str, torch.Tensor]] | None = None
-        for name in sorted(checkpoint.names(), key=lambda n: (_layer_index(fam, n), n)):
+        for name in order:
             source = replacements.get(name)
             if source is None:
                 yield name, checkpoint.read(name)
@@ -532,7 +569,7 @@ def assemble_model(
     }
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        ckpt.save_sharded(tmp, tensors(), metadata={"format": "pt"})
+        ckpt.save_sharded(tmp, [specs[name] for name in order], tensors(), metadata={"format": "pt"})
         for item in Path(info.path).iterdir():
             if item.is_file() and not _is_weight_file(item.name):
                 shutil.copy2(item, tmp / item.name)

@@ -15,6 +15,16 @@ try:
 except ConfigError as exc:  # one line naming the key and value, before any job runs
     raise WorkflowError(str(exc)) from None
 
+try:  # a run directory belongs to one model/calibration/prune setting
+    stages.check_run(CFG, write=False)
+except ValueError as exc:
+    raise WorkflowError(str(exc)) from None
+
+
+onstart:
+    stages.check_run(CFG)
+
+
 LAYOUT = RunLayout(CFG.run_dir)
 RUN = str(CFG.run_dir)
 VARIANTS = {v.name: v for v in CFG.variants}
