@@ -33,6 +33,7 @@ from rose.artifacts import (
     atomic_write_json,
     check_provenance,
     config_hash,
+    prefetch,
     read_json,
     write_h5,
 )
@@ -151,7 +152,7 @@ def _layer_module(checkpoint, fam, layer: int, device, dtype, replace: dict[str,
 
 def _hidden_batches(path: Path, expected: dict[str, Any], batch: int) -> tuple[H5Artifact, Iterator[np.ndarray]]:
     artifact = H5Artifact(path, expected)
-    return artifact, artifact.iter_batches(HIDDEN, batch)
+    return artifact, prefetch(artifact.iter_batches(HIDDEN, batch))
 
 
 def _log_progress(stage: str, done: int, total: int, started: float) -> None:

@@ -168,3 +168,24 @@ def test_packaged_wiki_text_splits(tmp_path):
     head = data.load_documents(data.TextSource("wiki-offline", split="head"))
     tail = data.load_documents(data.TextSource("wiki-offline", split="tail"))
     assert len(head) > 8000 and len(tail) > 900 and not set(head[-50:]) & set(tail[:50])
+
+
+def test_prefetch_keeps_order_and_raises_where_the_reader_failed():
+    from rose.artifacts import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def broken():
+        yield 1
+        yield 2
+        raise OSError("disk gone")
+
+    seen = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in prefetch(broken()):
+            seen.append(item)
+    assert seen == [1, 2]
+    # stopping early does not hang on a full queue
+    for item in prefetch(iter(range(1000)), depth=1):
+        if item == 3:
+            break
