@@ -94,6 +94,9 @@ def resolve_device(setting: str) -> torch.device:
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ValueError("device: cuda was requested but no CUDA device is available")
+        # TF32 matmuls would change the sweep's float32 arithmetic (and its determinism contract).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         return torch.device("cuda")
     return torch.device("cpu")
 
