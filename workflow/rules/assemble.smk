@@ -6,6 +6,7 @@ rule assemble:
         directory(f"{RUN}/{{variant}}/model"),
     log:
         f"{RUN}/logs/{{variant}}/assemble.log",
+    threads: stage_threads("assemble")
     resources:
         **stage_resources("assemble"),
     run:

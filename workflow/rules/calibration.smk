@@ -6,6 +6,7 @@ rule capture_calibration:
         str(LAYOUT.tokens),
     log:
         f"{RUN}/logs/capture_calibration.log",
+    threads: stage_threads("capture_calibration")
     resources:
         **stage_resources("capture_calibration"),
     run:
@@ -22,6 +23,7 @@ rule embed_calibration:
         keep_or_temp(str(LAYOUT.inputs(DENSE, 0))),
     log:
         f"{RUN}/logs/embed_calibration.log",
+    threads: stage_threads("embed_calibration")
     resources:
         **stage_resources("embed_calibration"),
     run:

@@ -13,8 +13,9 @@ rule evaluate_perplexity:
         f"{RUN}/{{model}}/eval/perplexity-{{metric}}.json",
     log:
         f"{RUN}/logs/{{model}}/perplexity-{{metric}}.log",
+    threads: stage_threads("evaluate_perplexity")
     resources:
-        **stage_resources("evaluate"),
+        **stage_resources("evaluate_perplexity"),
     run:
         with log_to(log[0]):
             stages.evaluate_perplexity(
@@ -31,8 +32,9 @@ rule evaluate_zero_shot:
         f"{RUN}/{{model}}/eval/zero_shot.json",
     log:
         f"{RUN}/logs/{{model}}/zero_shot.log",
+    threads: stage_threads("evaluate_zero_shot")
     resources:
-        **stage_resources("evaluate"),
+        **stage_resources("evaluate_zero_shot"),
     run:
         with log_to(log[0]):
             stages.evaluate_zero_shot(CFG, input.model, wildcards.model, eval_model_dir(wildcards, input), output[0])

@@ -4,6 +4,7 @@ checkpoint prepare_model:
         f"{RUN}/model.json",
     log:
         f"{RUN}/logs/prepare_model.log",
+    threads: stage_threads("prepare_model")
     resources:
         **stage_resources("prepare_model"),
     run:

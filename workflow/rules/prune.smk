@@ -15,6 +15,7 @@ rule hessians:
         keep_or_temp(f"{RUN}/{{variant}}/layer_{{layer}}/hessians.h5"),
     log:
         f"{RUN}/logs/{{variant}}/layer_{{layer}}/hessians.log",
+    threads: stage_threads("hessians")
     resources:
         **stage_resources("hessians"),
     run:
@@ -31,6 +32,7 @@ rule order:
         f"{RUN}/{{variant}}/layer_{{layer}}/order.h5",
     log:
         f"{RUN}/logs/{{variant}}/layer_{{layer}}/order.log",
+    threads: stage_threads("order")
     resources:
         **stage_resources("order"),
     run:
@@ -47,6 +49,7 @@ rule prune:
         stats=f"{RUN}/{{variant}}/layer_{{layer}}/stats.json",
     log:
         f"{RUN}/logs/{{variant}}/layer_{{layer}}/prune.log",
+    threads: stage_threads("prune")
     resources:
         **stage_resources("prune"),
     run:
@@ -82,6 +85,7 @@ rule forward:
         layer=r"[1-9]\d*",
     log:
         f"{RUN}/logs/{{variant}}/layer_{{layer}}/forward.log",
+    threads: stage_threads("forward")
     resources:
         **stage_resources("forward"),
     run:

@@ -18,6 +18,7 @@ rule report:
         ),
     log:
         f"{RUN}/logs/report.log",
+    threads: stage_threads("report")
     resources:
         **stage_resources("report"),
     run:
