@@ -93,6 +93,15 @@ def build_layer(
     return layer.eval()
 
 
+def expected_shapes(config, index: int = 0) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of one decoder layer as the config defines them (built on the meta device)."""
+    layer_cls, _ = family_for(config).classes()
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        layer = layer_cls(config, layer_idx=index)
+    return {name: tuple(t.shape) for name, t in layer.state_dict().items()}
+
+
 def check_sequence(config, seqlen: int) -> None:
     """Calibration and layer forwards use full causal attention; a sliding window would differ."""
     window = getattr(config, "sliding_window", None)

@@ -216,13 +216,7 @@ def prepare_model(cfg: RunConfig, out_json: str | Path) -> ModelInfo:
     num_layers = checkpoint.num_layers()
     if cfg.layers is not None and cfg.layers > num_layers:
         raise ValueError(f"prune.layers = {cfg.layers} but the model has only {num_layers} layers")
-    missing = [
-        fam.layer_prefix.format(index=0) + name + ".weight"
-        for name in fam.linear_names()
-        if fam.layer_prefix.format(index=0) + name + ".weight" not in set(checkpoint.names())
-    ]
-    if missing:
-        raise ValueError(f"{path}: model/config mismatch, tensors missing: {', '.join(missing[:3])}")
+    _check_layers_match_config(checkpoint, fam, num_layers, path)
     parameters = 0
     info = ModelInfo(
         path=str(Path(path).resolve()),
@@ -238,6 +232,23 @@ def prepare_model(cfg: RunConfig, out_json: str | Path) -> ModelInfo:
     )
     atomic_write_json(out_json, asdict(info))
     return info
+
+
+def _check_layers_match_config(checkpoint, fam, num_layers: int, path) -> None:
+    """Every layer's tensors must be what the config describes (read from headers only)."""
+    expected = family.expected_shapes(checkpoint.config)
+    specs = checkpoint.specs()
+    for layer in range(num_layers):
+        prefix = fam.layer_prefix.format(index=layer)
+        for name, shape in expected.items():
+            spec = specs.get(prefix + name)
+            if spec is None:
+                raise ValueError(f"{path}: model/config mismatch: layer {layer} has no tensor {name}")
+            if spec.shape != shape:
+                raise ValueError(
+                    f"{path}: model/config mismatch: layer {layer} {name} has shape {spec.shape}, "
+                    f"the config implies {shape}"
+                )
 
 
 def _count_parameters(checkpoint) -> int:
