@@ -121,11 +121,7 @@ def _mask_by(values: torch.Tensor, sparsity: Sparsity, per_row: bool) -> torch.T
         return smallest_per_row_groups(values, sparsity.n, sparsity.m)
     if not per_row:
         return smallest_mask(values, prune_count(values.numel(), sparsity.fraction))
-    count = prune_count(values.shape[1], sparsity.fraction)
-    order = torch.sort(values, dim=1, stable=True).indices
-    mask = torch.zeros_like(values, dtype=torch.bool)
-    mask.scatter_(1, order[:, :count], True)
-    return mask
+    return smallest_mask(values, prune_count(values.shape[1], sparsity.fraction), dim=1)
 
 
 def prune_wanda(weight, hessian, sparsity, settings, ordering=None) -> PruneResult:

@@ -53,23 +53,33 @@ def block_bounds(columns: int, width: int) -> list[tuple[int, int]]:
     return [(start, min(start + width, columns)) for start in range(0, columns, width)]
 
 
-def smallest_mask(values: torch.Tensor, count: int) -> torch.Tensor:
-    """Boolean mask of the `count` smallest entries (ties: lower flat index first)."""
-    mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
-    if count > 0:
-        order = torch.sort(values.reshape(-1), stable=True).indices
-        mask[order[:count]] = True
-    return mask.reshape(values.shape)
+def smallest_mask(values: torch.Tensor, count: int, dim: int | None = None) -> torch.Tensor:
+    """Mask of the `count` smallest entries (of all, or of each slice along `dim`).
+
+    Ties go to the lower index, exactly as a stable sort would order them, but
+    in O(n): the count-th smallest value by selection, everything below it, then
+    the first tied entries by a running count. Sorting whole blocks cost the
+    ROSE ordering and the sweep's block masks more than the OBS updates.
+    """
+    flat = values.reshape(-1) if dim is None else values.movedim(dim, -1)
+    length = flat.shape[-1]
+    if count <= 0:
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+    elif count >= length:
+        mask = torch.ones_like(flat, dtype=torch.bool)
+    else:
+        threshold = torch.kthvalue(flat, count, dim=-1, keepdim=True).values
+        below = flat < threshold
+        ties = flat == threshold
+        need = count - below.sum(dim=-1, keepdim=True)
+        mask = below | (ties & (torch.cumsum(ties, dim=-1) <= need))
+    return mask.reshape(values.shape) if dim is None else mask.movedim(-1, dim)
 
 
 def smallest_per_row_groups(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Mask of the n smallest entries per row in every group of m columns."""
     rows, cols = values.shape
-    grouped = values.reshape(rows, cols // m, m)
-    order = torch.sort(grouped, dim=-1, stable=True).indices
-    mask = torch.zeros_like(grouped, dtype=torch.bool)
-    mask.scatter_(-1, order[..., :n], True)
-    return mask.reshape(rows, cols)
+    return smallest_mask(values.reshape(rows, cols // m, m), n, dim=-1).reshape(rows, cols)
 
 
 def loss_matrix(score: torch.Tensor, sparsity: Sparsity, blocksize: int) -> torch.Tensor:
