@@ -166,6 +166,14 @@ def tensor_checksum(array: np.ndarray | torch.Tensor) -> str:
 # ---------------------------------------------------------------- provenance
 
 
+def tensor_checksum_many(tensors: Iterable[torch.Tensor]) -> str:
+    """One checksum over several tensors' bytes, in the given order."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(_to_numpy(tensor).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def check_provenance(path: Path, found: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
     """Refuse an artifact produced by another model, layer, variant or config."""
     for key, want in expected.items():

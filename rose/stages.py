@@ -35,6 +35,7 @@ from rose.artifacts import (
     config_hash,
     prefetch,
     read_json,
+    tensor_checksum_many,
     write_h5,
 )
 from rose.config import RunConfig, Variant
@@ -312,6 +313,9 @@ def compute_hessians(
     dtype = compute_dtype(cfg, info, device)
     checkpoint, fam = _open(info)
     module = _layer_module(checkpoint, fam, layer, device, dtype)
+    for name in fam.linear_names():
+        if not bool(torch.isfinite(module.get_submodule(name).weight).all()):
+            raise ValueError(f"layer {layer} {name}: the weight has NaN/Inf (corrupt checkpoint)")
     accumulators: dict[str, HessianAccumulator] = {}
     hooks = []
     for group in fam.input_groups:
@@ -458,7 +462,8 @@ def prune_layer(
     provenance = layer_provenance(cfg, info, "pruned", variant, layer)
     with atomic_path(out_safetensors) as tmp:
         # One metadata key: safetensors writes several in random order, and the bytes must not vary.
-        save_file(pruned, str(tmp), metadata={PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)})
+        stamped = {**provenance, "sha256": _tensors_checksum(pruned)}
+        save_file(pruned, str(tmp), metadata={PROVENANCE_KEY: json.dumps(stamped, sort_keys=True)})
     atomic_write_json(out_stats, {"provenance": provenance, "linears": stats})
     return stats
 
@@ -470,13 +475,20 @@ def read_pruned(cfg: RunConfig, info: ModelInfo, variant: Variant, layer: int, p
         with safe_open(str(path), framework="pt") as fh:
             found = json.loads((fh.metadata() or {}).get(PROVENANCE_KEY, "{}"))
             check_provenance(path, found, expected)
-            return {name: fh.get_tensor(name) for name in fh.keys()}
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
     except FileNotFoundError:
         raise
     except ArtifactError:
         raise
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise ArtifactError(f"{path}: corrupt or truncated safetensors ({exc}); delete it and rerun") from exc
+    if found.get("sha256") != _tensors_checksum(tensors):
+        raise ArtifactError(f"{path}: checksum mismatch (corrupt file); delete it and rerun")
+    return tensors
+
+
+def _tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    return tensor_checksum_many(tensors[name] for name in sorted(tensors))
 
 
 def forward_layer(
