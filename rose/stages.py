@@ -297,6 +297,16 @@ def embed_calibration(cfg: RunConfig, model_json: str | Path, tokens_h5: str | P
             writer.write(hidden.float() if dtype == torch.bfloat16 else hidden)
 
 
+def _layer_context(cfg: RunConfig, model_json: str | Path, variant_name: str):
+    """What a stage that runs a decoder layer needs: model info, variant, device, dtype, weights, family."""
+    info = ModelInfo.load(model_json)
+    variant = cfg.variant(variant_name)
+    device = resolve_device(cfg.device)
+    dtype = compute_dtype(cfg, info, device)
+    checkpoint, fam = _open(info)
+    return info, variant, device, dtype, checkpoint, fam
+
+
 def layer_inputs_provenance(cfg: RunConfig, info: ModelInfo, variant: Variant, layer: int) -> dict[str, Any]:
     if layer == 0:
         return {**calibration_provenance(cfg, info, "layer-inputs"), "layer": 0}
@@ -307,11 +317,7 @@ def compute_hessians(
     cfg: RunConfig, model_json: str | Path, variant_name: str, layer: int, inputs_h5: str | Path, out_h5: str | Path
 ) -> None:
     """H = (2/N) sum X^T X for every input group of the dense layer."""
-    info = ModelInfo.load(model_json)
-    variant = cfg.variant(variant_name)
-    device = resolve_device(cfg.device)
-    dtype = compute_dtype(cfg, info, device)
-    checkpoint, fam = _open(info)
+    info, variant, device, dtype, checkpoint, fam = _layer_context(cfg, model_json, variant_name)
     module = _layer_module(checkpoint, fam, layer, device, dtype)
     for name in fam.linear_names():
         if not bool(torch.isfinite(module.get_submodule(name).weight).all()):
@@ -501,11 +507,7 @@ def forward_layer(
     out_h5: str | Path,
 ) -> None:
     """Run the calibration inputs through the pruned layer: the next layer's inputs."""
-    info = ModelInfo.load(model_json)
-    variant = cfg.variant(variant_name)
-    device = resolve_device(cfg.device)
-    dtype = compute_dtype(cfg, info, device)
-    checkpoint, fam = _open(info)
+    info, variant, device, dtype, checkpoint, fam = _layer_context(cfg, model_json, variant_name)
     pruned = read_pruned(cfg, info, variant, layer, pruned_safetensors)
     module = _layer_module(checkpoint, fam, layer, device, dtype, replace=pruned)
     expected = layer_inputs_provenance(cfg, info, variant, layer)

@@ -42,6 +42,11 @@ def parse(spec: str) -> tuple[Sparsity, dict]:
     return s, (dict(n=s.n, m=s.m) if s.is_nm else dict(fraction=s.fraction))
 
 
+def fit_width(cols: int, sparsity) -> int:
+    """N:M needs a width that M divides: round down."""
+    return (cols // sparsity.m) * sparsity.m if sparsity.is_nm and cols % sparsity.m else cols
+
+
 sparsity_specs = st.one_of(
     st.sampled_from([0.0, 0.1, 0.5, 0.7, 0.9]).map(str),
     st.floats(0.0, 0.95).map(lambda p: f"{p:.3f}"),
@@ -61,8 +66,7 @@ widths = st.sampled_from([64, 100, 128, 200, 576])
 )
 def test_rose_matches_reference(rows, cols, spec, seed, reorder, blocksize):
     sparsity, kw = parse(spec)
-    if sparsity.is_nm and cols % sparsity.m:
-        cols = (cols // sparsity.m) * sparsity.m
+    cols = fit_width(cols, sparsity)
     W, H = make_problem(
         rows, cols, seed, columnar_block=(seed % 2) if cols > 256 and seed % 3 == 0 else None
     )
@@ -92,8 +96,7 @@ def test_rose_matches_reference(rows, cols, spec, seed, reorder, blocksize):
 @given(rows=st.integers(2, 9), cols=widths, spec=sparsity_specs, seed=st.integers(0, 10_000))
 def test_sparsegpt_matches_reference(rows, cols, spec, seed):
     sparsity, kw = parse(spec)
-    if sparsity.is_nm and cols % sparsity.m:
-        cols = (cols // sparsity.m) * sparsity.m
+    cols = fit_width(cols, sparsity)
     W, H = make_problem(rows, cols, seed)
     fast = prune_weight("sparsegpt", W, H, sparsity, F64)
     bw = [min(128, cols - a) for a in range(0, cols, sparsity.m if sparsity.is_nm else 128)]
@@ -106,8 +109,7 @@ def test_sparsegpt_matches_reference(rows, cols, spec, seed):
 @given(rows=st.integers(1, 12), cols=widths, spec=sparsity_specs, seed=st.integers(0, 10_000))
 def test_wanda_and_magnitude_match_reference(rows, cols, spec, seed):
     sparsity, kw = parse(spec)
-    if sparsity.is_nm and cols % sparsity.m:
-        cols = (cols // sparsity.m) * sparsity.m
+    cols = fit_width(cols, sparsity)
     W, H = make_problem(rows, cols, seed, tokens=64)
     assert torch.equal(prune_weight("wanda", W, H, sparsity).weight, ref_wanda(W, H, **kw))
     assert torch.equal(prune_weight("magnitude", W, None, sparsity).weight, ref_magnitude(W, **kw))
