@@ -180,3 +180,23 @@ def test_in_process_runner_resumes_after_kill(workflow_run, tmp_path, tiny_llama
     _kill_when(cmd, lambda: _pruned_count(results) >= 2)
     subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
     assert weights_digest(results / "tiny", "rose-0.5") == weights_digest(clean_dir, "rose-0.5")
+
+
+def test_report_rule_and_snakemake_report(tmp_path, tiny_llama_dir, tiny_text_file):
+    """The default target ends in the report; `snakemake --report` bundles it."""
+    results = tmp_path / "results"
+    text = {"kind": "file", "path": str(tiny_text_file), "split": "tail"}
+    cfg = write_config(
+        tmp_path / "config.yaml", tiny_llama_dir, tiny_text_file, results,
+        methods=["rose", "magnitude"], sparsities=[0.5, 0.6],
+        evaluation={"batch_size": 2, "perplexity": [{"name": "tail", "source": text, "seqlen": 32, "max_windows": 4}]},
+    )
+    out = run_snakemake(cfg, tmp_path)
+    summary = (results / "tiny" / "report" / "summary.csv").read_text()
+    for model in ("dense", "rose-0.5", "rose-0.6", "magnitude-0.5", "magnitude-0.6"):
+        assert model in summary
+    assert "| rose-0.5 |" in out.stdout  # printed at the end of the run
+    plots = sorted(p.name for p in (results / "tiny" / "report" / "plots").glob("*.png"))
+    assert plots == ["block_loss_heatmap.png", "perplexity_vs_sparsity.png", "reconstruction_error.png", "relative_range.png"]
+    run_snakemake(cfg, tmp_path, "--report", str(tmp_path / "report.zip"))
+    assert (tmp_path / "report.zip").stat().st_size > 10_000
