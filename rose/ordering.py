@@ -44,8 +44,9 @@ class Ordering:
 
 
 def scores(weight: torch.Tensor, hessian_diag: torch.Tensor) -> torch.Tensor:
-    """S_ij = |W_ij| * sqrt(H_jj), in float64 for a stable ordering."""
-    return weight.double().abs() * hessian_diag.double().clamp_min(0).sqrt().unsqueeze(0)
+    """S_ij = |W_ij| * sqrt(H_jj): float32 (float64 for float64 weights); losses are summed in float64."""
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return weight.to(dtype).abs() * hessian_diag.to(dtype).clamp_min(0).sqrt().unsqueeze(0)
 
 
 def block_bounds(columns: int, width: int) -> list[tuple[int, int]]:
@@ -103,6 +104,15 @@ def relative_range(block_loss: torch.Tensor) -> float:
     return (top - float(block_loss.min())) / top
 
 
+def _block_sums(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Sums over consecutive blocks of `width` (the last may be narrower), without a Python loop per block."""
+    full = values.numel() // width
+    sums = values[: full * width].reshape(full, width).sum(dim=1)
+    if values.numel() % width:
+        sums = torch.cat([sums, values[full * width :].sum().reshape(1)])
+    return sums
+
+
 def rose_order(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -120,9 +130,8 @@ def rose_order(
     widths = torch.tensor([end - start for start, end in bounds], dtype=torch.float64)
 
     loss = loss_matrix(scores(weight, torch.diagonal(hessian)), sparsity, blocksize)
-    column_loss = loss.sum(dim=0)
-    block_sum = torch.stack([column_loss[start:end].sum() for start, end in bounds])
-    block_loss = block_sum.cpu() / widths
+    column_loss = loss.sum(dim=0, dtype=torch.float64)
+    block_loss = _block_sums(column_loss, width).cpu() / widths
     spread = relative_range(block_loss)
     columnar = spread > threshold
     reordered = reorder == "always" or (reorder == "adaptive" and columnar)
