@@ -87,12 +87,17 @@ def loss_matrix(score: torch.Tensor, sparsity: Sparsity, blocksize: int) -> torc
     """Scores of the would-be-pruned weights (zero elsewhere), block by block."""
     if sparsity.is_nm:
         return score * smallest_per_row_groups(score, sparsity.n, sparsity.m)
+    rows, cols = score.shape
+    full = cols // blocksize
     loss = torch.zeros_like(score)
-    for start, end in block_bounds(score.shape[1], blocksize):
-        block = score[:, start:end]
-        loss[:, start:end] = block * smallest_mask(
-            block, prune_count(block.numel(), sparsity.fraction)
-        )
+    if full:  # all full-width blocks in one batched selection, each block flattened row-major
+        blocks = score[:, : full * blocksize].reshape(rows, full, blocksize).transpose(0, 1).reshape(full, -1)
+        mask = smallest_mask(blocks, prune_count(rows * blocksize, sparsity.fraction), dim=1)
+        chosen = (blocks * mask).reshape(full, rows, blocksize).transpose(0, 1)
+        loss[:, : full * blocksize] = chosen.reshape(rows, full * blocksize)
+    if cols % blocksize:
+        block = score[:, full * blocksize :]
+        loss[:, full * blocksize :] = block * smallest_mask(block, prune_count(block.numel(), sparsity.fraction))
     return loss
 
 
