@@ -21,3 +21,12 @@ def tiny_text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "corpus.txt"
     path.write_text(tiny_text())
     return path
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the fault-injection count (tests/test_faults.py records each case)."""
+    faults = sys.modules.get("test_faults")
+    results = getattr(faults, "RESULTS", None)
+    if results:
+        passed = sum(ok for _, ok in results)
+        terminalreporter.write_line(f"fault injection: {len(results)} cases, {passed} passed")

@@ -25,7 +25,7 @@ from tiny import make_tiny_model
 from rose.cli import main
 
 VARIANT = "rose-0.5"
-RESULTS: list[tuple[str, bool]] = []
+RESULTS: list[tuple[str, bool]] = []  # counted by conftest.pytest_terminal_summary
 
 
 @dataclass(frozen=True)
@@ -59,19 +59,6 @@ FAULTS = [
     for name in ARTIFACTS
     for damage in DAMAGE[name]
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def count_cases(request):
-    yield
-    passed = sum(ok for _, ok in RESULTS)
-    line = f"fault injection: {len(RESULTS)} cases, {passed} passed"
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")
-        reporter.write_line(line)
-    else:
-        print(line, file=sys.__stdout__)
 
 
 @pytest.fixture
