@@ -5,19 +5,25 @@
 #   snakemake --cores all --configfile my.yaml             # your model / methods / data
 #   snakemake --profile workflow/profiles/slurm            # one cluster job per layer stage
 #
-# The rules are thin: each parses its wildcards and calls one function of `rose.stages`.
+# The task graph is described once, in rose.plan: every rule takes its inputs,
+# outputs and temp() flags from it and calls rose.plan.execute for the work.
+
+import os
 
 from snakemake.utils import min_version
 
 min_version("8.20")
 
 
+# A config file given with --configfile is the whole config, as it is for
+# `python -m rose run --config`: config/config.yaml is the default only when
+# none is given (Snakemake would otherwise deep-merge the two).
+if not workflow.overwrite_configfiles:
 
-configfile: "config/config.yaml"
+    configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/resources.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/calibration.smk"
 include: "workflow/rules/prune.smk"
@@ -33,7 +39,4 @@ rule all:
 
 
 onsuccess:
-    summary = LAYOUT.report_dir / "summary.md"
-    if summary.exists():
-        print(summary.read_text())
-    print(f"results: {RUN} (per-job logs under {RUN}/logs/)")
+    finish_run()

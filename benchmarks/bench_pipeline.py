@@ -31,8 +31,10 @@ from common import header, table  # noqa: E402
 
 from rose import checkpoint as ck  # noqa: E402
 from rose import config as rose_config  # noqa: E402
-from rose import runner, stages  # noqa: E402
+from rose import plan as graph  # noqa: E402
+from rose import runner  # noqa: E402
 from rose.layout import RunLayout  # noqa: E402
+from rose.model_info import ModelInfo  # noqa: E402
 
 SHAPES = {
     "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
@@ -83,13 +85,13 @@ def synthetic_model(path: Path, layers: int, dtype: torch.dtype, seed: int = 0, 
 def load_config(args, results: Path, model: Path | None = None):
     overrides: dict = {"results_dir": str(results)}
     for item in args.set:
-        overrides = rose_config._merge(overrides, rose_config.parse_override(item))
+        overrides = rose_config.merge(overrides, rose_config.parse_override(item))
     if model is not None:
         text = results / "text.txt"
         text.parent.mkdir(parents=True, exist_ok=True)
         words = torch.randint(3, 30000, (400_000,), generator=torch.Generator().manual_seed(1))
         text.write_text(" ".join(f"w{int(w)}" for w in words))
-        overrides = rose_config._merge(
+        overrides = rose_config.merge(
             overrides, {"model": {"source": str(model)}, "calibration": {"source": {"kind": "file", "path": str(text)}}}
         )
     return rose_config.load(args.config, overrides)
@@ -123,7 +125,7 @@ def cmd_stages(args) -> None:
         rows.append(["  of which I/O + other (prune)", "", f"{prune_total - total_sweep:.1f}", "", f"{100 * (prune_total - total_sweep) / wall:.1f}%"])
         rows.append(["total (wall)", "", f"{wall:.1f}", "", "100%"])
         print("\n".join(header()))
-        info = stages.ModelInfo.load(layout.model_json)
+        info = ModelInfo.load(layout.model_json)
         print(f"\nmodel: {info.source} ({info.num_layers} layers, hidden {info.hidden_size}), "
               f"calibration {cfg.calibration.nsamples} x {cfg.calibration.seqlen}, variants {', '.join(v.name for v in cfg.variants)}\n")
         print(table(rows, ["stage", "jobs", "seconds", "s/job", "share"]))
@@ -185,20 +187,10 @@ STAGE_CALLS = ("embed_calibration", "hessians", "order", "prune", "forward", "as
 def _run_one_stage(cfg_path: str, stage: str, layer: int) -> None:
     """Child process: run one stage for `layer` of rose-0.5 and print its peak RSS / GPU memory."""
     cfg = rose_config.load(cfg_path)
-    L = RunLayout(cfg.run_dir)
     v = "rose-0.5"
-    info = stages.ModelInfo.load(L.model_json)
-    calls = {
-        "embed_calibration": lambda: stages.embed_calibration(cfg, L.model_json, L.tokens, L.inputs(v, 0)),
-        "hessians": lambda: stages.compute_hessians(cfg, L.model_json, v, layer, L.inputs(v, layer), L.hessians(v, layer)),
-        "order": lambda: stages.compute_order(cfg, L.model_json, v, layer, L.hessians(v, layer), L.order(v, layer)),
-        "prune": lambda: stages.prune_layer(cfg, L.model_json, v, layer, L.hessians(v, layer), L.order(v, layer), L.pruned(v, layer), L.stats(v, layer)),
-        "forward": lambda: stages.forward_layer(cfg, L.model_json, v, layer, L.inputs(v, layer), L.pruned(v, layer), L.inputs(v, layer + 1)),
-        "assemble": lambda: stages.assemble_model(
-            cfg, L.model_json, v, [L.pruned(v, i) for i in range(info.prune_layers)],
-            [L.stats(v, i) for i in range(info.prune_layers)], L.model_dir(v)),
-    }
-    calls[stage]()
+    at = {"variant": v, "layer": layer}
+    wildcards = {"embed_calibration": {}, "forward": {"variant": v, "layer": layer + 1}, "assemble": {"variant": v}}
+    graph.execute(cfg, stage, wildcards.get(stage, at))
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
     print(json.dumps({"rss_mb": peak_rss_mb(), "gpu_mb": gpu}))
 

@@ -21,8 +21,11 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 TMP_MARK = ".tmp-"
+PROVENANCE_KEY = "rose_provenance"
 
 
 class ArtifactError(ValueError):
@@ -323,27 +326,32 @@ class H5Artifact:
         if expected:
             check_provenance(self.path, self.attrs, expected)
 
-    def names(self) -> list[str]:
-        out: list[str] = []
-        self._fh.visititems(lambda n, o: out.append(n) if isinstance(o, h5py.Dataset) else None)
-        return out
-
-    def read(self, name: str, verify: bool = True) -> np.ndarray:
+    def _dataset(self, name: str) -> tuple[h5py.Dataset, str]:
+        """The dataset and the checksum it was written with; a file without one is refused."""
         try:
             dset = self._fh[name]
-            array = dset[()]
         except KeyError as exc:
             raise ArtifactError(f"{self.path}: no dataset '{name}'; delete it and rerun") from exc
+        want = dset.attrs.get("sha256")
+        if want is None:
+            raise ArtifactError(
+                f"{self.path}: dataset '{name}' has no checksum (not written by rose-pipeline, or damaged); "
+                "delete it and rerun"
+            )
+        return dset, _normalise(want)
+
+    def read(self, name: str) -> np.ndarray:
+        dset, want = self._dataset(name)
+        try:
+            array = dset[()]
         except OSError as exc:
             raise ArtifactError(
                 f"{self.path}: dataset '{name}' is corrupt ({exc}); delete it and rerun"
             ) from exc
-        if verify:
-            want = dset.attrs.get("sha256")
-            if want is not None and _normalise(want) != tensor_checksum(array):
-                raise ArtifactError(
-                    f"{self.path}: checksum mismatch in '{name}' (corrupt file); delete it and rerun"
-                )
+        if want != tensor_checksum(array):
+            raise ArtifactError(
+                f"{self.path}: checksum mismatch in '{name}' (corrupt file); delete it and rerun"
+            )
         return array
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -355,8 +363,7 @@ class H5Artifact:
         Callers must not commit any result before the iteration has finished,
         since a corrupt file is only detected at its end.
         """
-        dset = self._fh[name]
-        want = dset.attrs.get("sha256")
+        dset, want = self._dataset(name)
         digest = hashlib.sha256()
         for start in range(0, dset.shape[0], batch):
             try:
@@ -367,7 +374,7 @@ class H5Artifact:
                 ) from exc
             digest.update(np.ascontiguousarray(array).tobytes())
             yield array
-        if want is not None and _normalise(want) != digest.hexdigest()[:16]:
+        if want != digest.hexdigest()[:16]:
             raise ArtifactError(
                 f"{self.path}: checksum mismatch in '{name}' (corrupt file); delete it and rerun"
             )
@@ -386,6 +393,44 @@ class H5Artifact:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------- pruned layers (safetensors)
+
+
+def write_pruned(path: str | Path, tensors: dict[str, torch.Tensor], provenance: Mapping[str, Any]) -> None:
+    """One layer's pruned weights, atomically, stamped with provenance and a checksum.
+
+    One metadata key holding sorted JSON: safetensors writes several keys in
+    random order, and the bytes must not vary between runs.
+    """
+    stamped = {**provenance, "sha256": _tensors_checksum(tensors)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={PROVENANCE_KEY: json.dumps(stamped, sort_keys=True)})
+
+
+def read_pruned(path: str | Path, expected_provenance: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a `write_pruned` file; refused if made for another run or corrupt."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            found = json.loads((fh.metadata() or {}).get(PROVENANCE_KEY, "{}"))
+            check_provenance(path, found, expected_provenance)
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    except (FileNotFoundError, ArtifactError):
+        raise
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise ArtifactError(f"{path}: corrupt or truncated safetensors ({exc}); delete it and rerun") from exc
+    if found.get("sha256") != _tensors_checksum(tensors):
+        raise ArtifactError(f"{path}: checksum mismatch (corrupt file); delete it and rerun")
+    return tensors
+
+
+def _tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    return tensor_checksum_many(tensors[name] for name in sorted(tensors))
+
+
+# ---------------------------------------------------------------- reading ahead
 
 
 def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rose.artifacts import atomic_path, atomic_write_json
+from rose.errors import first_line
 
 INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -55,7 +56,7 @@ class Checkpoint:
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except Exception as exc:  # transformers raises many types for unknown/broken configs
-            raise ModelSourceError(f"{path}/config.json: cannot be read ({_first_line(exc)})") from None
+            raise ModelSourceError(f"{path}/config.json: cannot be read ({first_line(exc)})") from None
         return cls(path=path, weight_map=_weight_map(path), config=config)
 
     def names(self) -> list[str]:
@@ -66,7 +67,7 @@ class Checkpoint:
             try:
                 self._handles[shard] = safe_open(str(self.path / shard), framework="pt")
             except Exception as exc:
-                raise ModelSourceError(f"{self.path / shard}: corrupt safetensors shard ({_first_line(exc)})") from None
+                raise ModelSourceError(f"{self.path / shard}: corrupt safetensors shard ({first_line(exc)})") from None
         return self._handles[shard]
 
     def read(self, name: str) -> torch.Tensor:
@@ -79,7 +80,7 @@ class Checkpoint:
         except ModelSourceError:
             raise
         except Exception as exc:
-            raise ModelSourceError(f"{self.path / shard}: cannot read {name} ({_first_line(exc)})") from None
+            raise ModelSourceError(f"{self.path / shard}: cannot read {name} ({first_line(exc)})") from None
 
     def read_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """All tensors under `prefix` (one decoder layer), keyed without the prefix."""
@@ -124,11 +125,6 @@ class Checkpoint:
                 fh.seek(max(0, size - (1 << 20)))
                 digest.update(fh.read(1 << 20))
         return digest.hexdigest()[:16]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _header(file: Path) -> dict[str, Any]:
@@ -313,7 +309,7 @@ def _from_pickle(path: Path, pickles: list[Path], out_dir: Path) -> Path:
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:
-                raise ModelSourceError(f"{file}: cannot be loaded with weights_only=True ({_first_line(exc)})") from None
+                raise ModelSourceError(f"{file}: cannot be loaded with weights_only=True ({first_line(exc)})") from None
             seen: set[int] = set()
             for name, tensor in state.items():
                 pointer = tensor.untyped_storage().data_ptr()
@@ -326,16 +322,19 @@ def _from_pickle(path: Path, pickles: list[Path], out_dir: Path) -> Path:
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         save_sharded(tmp, specs, tensors(), metadata={"format": "pt"})
-        _copy_side_files(path, tmp)
+        copy_side_files(path, tmp)
     return out_dir
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
+def is_weight_file(name: str) -> bool:
+    """Weights or a weight index, in any format the pipeline reads or writes."""
+    return name.endswith((".safetensors", ".bin", ".gguf", ".pt", ".pth")) or name in (INDEX, PICKLE_INDEX)
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Config, tokenizer and generation files: everything of a model directory but its weights."""
     for item in src.iterdir():
-        if item.is_file() and not item.name.endswith((".bin", ".pt", ".safetensors", ".gguf")) and item.name not in (
-            INDEX,
-            PICKLE_INDEX,
-        ):
+        if item.is_file() and not is_weight_file(item.name):
             shutil.copy2(item, dst / item.name)
 
 
@@ -347,7 +346,7 @@ def _from_gguf(gguf: Path, out_dir: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:
-        raise ModelSourceError(f"{gguf}: cannot be read as a GGUF model ({_first_line(exc)})") from None
+        raise ModelSourceError(f"{gguf}: cannot be read as a GGUF model ({first_line(exc)})") from None
     model.hf_quantizer = None  # save_pretrained refuses models that still carry the GGUF quantizer
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -364,5 +363,5 @@ def _from_hub(source: str, out_dir: Path, allow_pickle: bool, trust_remote_code:
     try:
         path = Path(snapshot_download(source, revision=revision, allow_patterns=patterns))
     except Exception as exc:
-        raise ModelSourceError(f"model.source {source}: cannot download from the Hugging Face hub ({_first_line(exc)})") from None
+        raise ModelSourceError(f"model.source {source}: cannot download from the Hugging Face hub ({first_line(exc)})") from None
     return _from_directory(path, out_dir, allow_pickle, trust_remote_code)

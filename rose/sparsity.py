@@ -34,10 +34,6 @@ class Sparsity:
     def is_nm(self) -> bool:
         return self.m > 0
 
-    @property
-    def density_target(self) -> float:
-        return self.n / self.m if self.is_nm else float(self.fraction)
-
     @classmethod
     def parse(cls, value: str | float | int) -> Sparsity:
         """Accept 0.5, "0.5", "2:4" or "2of4" (the form used in variant names)."""

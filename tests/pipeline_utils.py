@@ -92,3 +92,33 @@ def weights_digest(run_dir: Path, variant: str) -> dict[str, str]:
     for file in sorted((run_dir / variant / "model").glob("*.safetensors")):
         out[str(file.relative_to(run_dir))] = digest(file)
     return out
+
+
+def pruned_count(run_dir: Path) -> int:
+    return len(list(Path(run_dir).rglob("pruned.safetensors")))
+
+
+def kill_when(cmd: list[str], ready, timeout: float = 300, cwd: Path | None = None) -> bool:
+    """Start `cmd` in its own session, SIGKILL the whole group once `ready()` holds.
+
+    Returns True when the kill landed while the command was still running (it had not
+    finished on its own), so tests can assert that they interrupted real work."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=cwd
+    )
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ready():
+                break
+            time.sleep(0.05)
+    finally:
+        killed = proc.poll() is None
+        if killed:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return killed

@@ -10,8 +10,8 @@ from pipeline_utils import write_config
 from transformers import AutoModelForCausalLM
 
 from rose import config as rose_config
-from rose import stages
 from rose.layout import RunLayout
+from rose.model_info import ModelInfo
 
 
 @pytest.fixture(scope="module")
@@ -102,5 +102,5 @@ def test_order_records_diagnostics_per_linear(wanda_zero):
             assert group["block_loss"].shape == (-(-cols // 128),)
             assert {"relative_range", "columnar", "reordered", "threshold"} <= set(group.attrs)
             assert group["loss_map"].shape[1] == -(-cols // 128)
-    info = stages.ModelInfo.load(layout.model_json)
+    info = ModelInfo.load(layout.model_json)
     assert info.num_layers == 3 and info.hidden_size == 200 and info.parameters > 0

@@ -1,14 +1,13 @@
 rule assemble:
     """Pruned Linears + untouched tensors -> a loadable HF model dir with pruning.json."""
     input:
-        unpack(variant_layers),
+        unpack(plan_inputs("assemble")),
     output:
-        directory(f"{RUN}/{{variant}}/model"),
+        **plan_outputs("assemble"),
     log:
-        f"{RUN}/logs/{{variant}}/assemble.log",
+        plan_log("assemble"),
     threads: stage_threads("assemble")
     resources:
         **stage_resources("assemble"),
     run:
-        with log_to(log[0]):
-            stages.assemble_model(CFG, input.model, wildcards.variant, input.pruned, input.stats, output[0])
+        run_stage("assemble", wildcards, log)

@@ -1,31 +1,28 @@
 rule capture_calibration:
     """Sample nsamples x seqlen calibration tokens (seeded, paper protocol)."""
     input:
-        model=model_json,
+        unpack(plan_inputs("capture_calibration")),
     output:
-        str(LAYOUT.tokens),
+        **plan_outputs("capture_calibration"),
     log:
-        f"{RUN}/logs/capture_calibration.log",
+        plan_log("capture_calibration"),
     threads: stage_threads("capture_calibration")
     resources:
         **stage_resources("capture_calibration"),
     run:
-        with log_to(log[0]):
-            stages.capture_calibration(CFG, input.model, output[0])
+        run_stage("capture_calibration", wildcards, log)
 
 
 rule embed_calibration:
     """Layer 0's inputs: the embeddings of the calibration tokens (shared by all variants)."""
     input:
-        model=model_json,
-        tokens=str(LAYOUT.tokens),
+        unpack(plan_inputs("embed_calibration")),
     output:
-        keep_or_temp(str(LAYOUT.inputs(DENSE, 0))),
+        **plan_outputs("embed_calibration"),
     log:
-        f"{RUN}/logs/embed_calibration.log",
+        plan_log("embed_calibration"),
     threads: stage_threads("embed_calibration")
     resources:
         **stage_resources("embed_calibration"),
     run:
-        with log_to(log[0]):
-            stages.embed_calibration(CFG, input.model, input.tokens, output[0])
+        run_stage("embed_calibration", wildcards, log)

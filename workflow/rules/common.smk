@@ -1,14 +1,15 @@
-# Shared by all rules: the validated config, artifact paths, and input functions.
+# Shared by all rules: the validated config, the plan (rose.plan: the one
+# description of the task graph) and the helpers that turn it into directives.
 import re
-from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from rose import stages
-from rose.config import ConfigError, from_dict
-from rose.layout import DENSE, RunLayout
+from rose import plan as graph
+from rose.config import ConfigError, from_dict, write_effective
 from rose.joblog import log_to
-from rose.methods import NEEDS_HESSIAN
+from rose.model_info import ModelInfo
+from rose.provenance import check_run
+from rose.resources import resolve_threads, rule_resources
 
 try:
     CFG = from_dict(config)
@@ -16,84 +17,96 @@ except ConfigError as exc:  # one line naming the key and value, before any job 
     raise WorkflowError(str(exc)) from None
 
 try:  # a run directory belongs to one model/calibration/prune setting
-    stages.check_run(CFG, write=False)
+    check_run(CFG, write=False)
 except ValueError as exc:
     raise WorkflowError(str(exc)) from None
 
 
 onstart:
-    stages.check_run(CFG)
+    check_run(CFG)
+    write_effective(CFG)
 
 
-LAYOUT = RunLayout(CFG.run_dir)
+PLAN = graph.Plan(CFG)
+LAYOUT = PLAN.layout
 RUN = str(CFG.run_dir)
-VARIANTS = {v.name: v for v in CFG.variants}
-MODELS = [DENSE, *VARIANTS]
-EVALUATION = CFG.evaluation
 
 
-def keep_or_temp(path):
-    """Layer inputs and Hessians are large: removed once consumed unless keep_intermediates."""
-    return path if CFG.keep_intermediates else temp(path)
+def _alternatives(names):
+    return "|".join(re.escape(n) for n in names) or "^$"
 
 
 wildcard_constraints:
-    variant="|".join(re.escape(v) for v in VARIANTS) or "^$",
-    model="|".join(re.escape(m) for m in MODELS),
+    variant=_alternatives(PLAN.variants),
+    model=_alternatives(PLAN.models),
+    metric=_alternatives(PLAN.metrics),
     layer=r"\d+",
-    metric="|".join(re.escape(p.name) for p in (EVALUATION.perplexity if EVALUATION else ())) or "^$",
 
 
-def model_json(wildcards=None):
-    """model.json comes from a checkpoint: the layer count is known only after it."""
-    return checkpoints.prepare_model.get().output[0]
+def plan_outputs(stage):
+    """The stage's outputs as patterns, temp()/directory() where the plan says so."""
+    out = {}
+    for name, pattern in PLAN.output_patterns(stage).items():
+        if name in graph.STAGES[stage].directories:
+            pattern = directory(pattern)
+        if PLAN.is_temporary(stage, name):
+            pattern = temp(pattern)
+        out[name] = pattern
+    return out
 
 
-def prune_layers():
-    return stages.ModelInfo.load(model_json()).prune_layers
+def planned_info():
+    """model.json comes from a checkpoint: the depth is known only once it exists."""
+    path = checkpoints.prepare_model.get().output[0]
+    return ModelInfo.load(path)
 
 
-def method_of(wildcards):
-    return VARIANTS[wildcards.variant].method
+def plan_inputs(stage):
+    """An input function: the plan's inputs for the job's wildcards (as str, for Snakemake)."""
 
+    def inputs(wildcards):
+        plan = graph.Plan(CFG, planned_info())
+        return {
+            k: [str(p) for p in v] if isinstance(v, list) else str(v)
+            for k, v in plan.inputs(stage, dict(wildcards)).items()
+        }
 
-def prune_inputs(wildcards):
-    layer = int(wildcards.layer)
-    inputs = {"model": model_json()}
-    if method_of(wildcards) in NEEDS_HESSIAN:
-        inputs["hessians"] = str(LAYOUT.hessians(wildcards.variant, layer))
-    if method_of(wildcards) in stages.METHODS_WITH_ORDER:
-        inputs["order"] = str(LAYOUT.order(wildcards.variant, layer))
     return inputs
 
 
-def variant_layers(wildcards):
-    n = prune_layers()
-    return {
-        "model": model_json(),
-        "pruned": [str(LAYOUT.pruned(wildcards.variant, i)) for i in range(n)],
-        "stats": [str(LAYOUT.stats(wildcards.variant, i)) for i in range(n)],
-    }
+def stage_threads(stage):
+    """Threads (= SLURM --cpus-per-task) for `stage`, from rose.resources; the config can pin it."""
+    return resolve_threads(stage, config)
 
 
-def evaluated_model(wildcards):
-    """Dense is the prepared checkpoint (model.json points at it); a variant its reassembled dir."""
-    if wildcards.model == DENSE:
-        return []
-    return str(LAYOUT.model_dir(wildcards.model))
+def stage_resources(stage):
+    """A rule's `resources:` from rose.resources (model-sized, grown on retries, config pins win).
+
+    mem_mb and runtime are callables of (wildcards, attempt): they read model.json
+    when the job is scheduled.
+    """
+    return rule_resources(stage, config)
 
 
-def eval_outputs():
-    if EVALUATION is None:
-        return []
-    outputs = [str(LAYOUT.perplexity(m, p.name)) for m in MODELS for p in EVALUATION.perplexity]
-    if EVALUATION.zero_shot is not None:
-        outputs += [str(LAYOUT.zero_shot(m)) for m in MODELS]
-    return outputs
+def plan_log(stage):
+    return PLAN.log_pattern(stage)
+
+
+def run_stage(stage, wildcards, log):
+    with log_to(log[0]):
+        graph.execute(CFG, stage, dict(wildcards))
 
 
 def final_outputs(wildcards):
-    return [
-        *(str(LAYOUT.model_dir(v)) for v in VARIANTS),
-        str(LAYOUT.report_dir / "summary.csv"),
-    ]
+    return [str(p) for p in PLAN.targets()]
+
+
+def finish_run():
+    """Remove intermediates nothing needs any more, as the runner does; print the summary."""
+    if LAYOUT.model_json.exists():
+        plan = graph.Plan(CFG, ModelInfo.load(LAYOUT.model_json))
+        graph.remove_consumed_intermediates(plan.steps())
+    summary = LAYOUT.report_dir / "summary.md"
+    if summary.exists():
+        print(summary.read_text())
+    print(f"results: {RUN} (per-job logs under {RUN}/logs/)")

@@ -1,12 +1,11 @@
 checkpoint prepare_model:
     """Resolve the model source to a local safetensors checkpoint; record its shape."""
     output:
-        f"{RUN}/model.json",
+        **plan_outputs("prepare_model"),
     log:
-        f"{RUN}/logs/prepare_model.log",
+        plan_log("prepare_model"),
     threads: stage_threads("prepare_model")
     resources:
         **stage_resources("prepare_model"),
     run:
-        with log_to(log[0]):
-            stages.prepare_model(CFG, output[0])
+        run_stage("prepare_model", wildcards, log)

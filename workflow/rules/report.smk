@@ -1,26 +1,23 @@
+REPORT_OUT = PLAN.output_patterns("report")
+
+
 rule report:
     """summary.csv / summary.md (one row per variant plus dense) and the plots."""
     input:
-        models=[str(LAYOUT.model_dir(v)) for v in VARIANTS],
-        evals=eval_outputs(),
+        unpack(plan_inputs("report")),
     output:
-        csv=report(
-            str(LAYOUT.report_dir / "summary.csv"),
-            caption="../report/summary.rst",
-            category="Summary",
-        ),
-        md=str(LAYOUT.report_dir / "summary.md"),
+        csv=report(REPORT_OUT["csv"], caption="../report/summary.rst", category="Summary"),
+        md=REPORT_OUT["md"],
         plots=report(
-            directory(str(LAYOUT.report_dir / "plots")),
+            directory(REPORT_OUT["plots"]),
             patterns=["{name}.png"],
             caption="../report/plots.rst",
             category="Plots",
         ),
     log:
-        f"{RUN}/logs/report.log",
+        plan_log("report"),
     threads: stage_threads("report")
     resources:
         **stage_resources("report"),
     run:
-        with log_to(log[0]):
-            stages.build_report(CFG, RUN, str(LAYOUT.report_dir))
+        run_stage("report", wildcards, log)

