@@ -1,3 +1,3 @@
-from rose.cli import main
+from rose.cli import entry
 
-raise SystemExit(main())
+entry()

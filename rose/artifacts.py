@@ -10,6 +10,7 @@ and readers refuse one whose provenance does not match the run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -73,9 +74,35 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(path)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         remove_path(tmp)
+        disk_full = _disk_full(exc, path)
+        if disk_full is not None:
+            raise disk_full from None
         raise
+
+
+def _disk_full(exc: BaseException, path: Path) -> OSError | None:
+    """A full disk as one OSError(ENOSPC) naming the artifact.
+
+    h5py and safetensors report ENOSPC without a file name, or not as an OSError at
+    all (h5py: RuntimeError on close; safetensors: SafetensorError with 'os error 28')."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+    text = str(exc)
+    if "No space left on device" in text or "os error 28" in text or "errno = 28" in text:
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+    return None
+
+
+def ensure_space(path: str | Path, nbytes: int) -> None:
+    """Refuse a write that cannot fit before it starts: h5py cannot close a file whose
+    flush hit a full disk (and crashes the interpreter when it later retries)."""
+    path = Path(path)
+    needed = int(nbytes * 1.01) + (64 << 10)  # HDF5 headers, chunk index, attributes
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"No space left on device (needs {needed} bytes, {free} free)", str(path))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -96,22 +123,30 @@ def _remove_stale_temporaries(path: Path) -> None:
             remove_path(candidate)
 
 
-@contextlib.contextmanager
-def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
-    """Refuse a second writer on the same run directory instead of letting two interleave."""
+def hold_lock(path: str | Path, what: str):
+    """Take the run directory's lock for as long as the returned file stays open
+    (the Snakemake controller holds it for its lifetime; the OS drops it if killed)."""
     import fcntl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ArtifactError(f"{what} is in use by another run (lock {path}); wait for it to finish") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    fh = open(path, "a")  # noqa: SIM115 - the open file is the lock
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise ArtifactError(f"{what} is in use by another run (lock {path}); wait for it to finish") from None
+    return fh
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Refuse a second writer on the same run directory instead of letting two interleave."""
+    fh = hold_lock(path, what)
+    try:
+        yield
+    finally:
+        fh.close()
 
 
 def remove_path(path: Path) -> None:
@@ -220,12 +255,13 @@ def write_h5(
     big ones (hidden states, Hessians) are read back whole and compression
     would only cost CPU time.
     """
+    arrays = {name: _to_numpy(value) for name, value in datasets.items()}
     with atomic_path(path) as tmp:
+        ensure_space(tmp, sum(a.nbytes for a in arrays.values()))
         with h5py.File(tmp, "w") as fh:
             for key, value in attrs.items():
                 fh.attrs[key] = value
-            for name, value in datasets.items():
-                array = _to_numpy(value)
+            for name, array in arrays.items():
                 chunks = _chunks(array, chunk_bytes)
                 dset = fh.create_dataset(name, data=array, chunks=chunks)
                 dset.attrs["sha256"] = tensor_checksum(array)
@@ -235,6 +271,12 @@ def write_h5(
                 node = fh.require_group(group)
                 for key, attr in values.items():
                     node.attrs[key] = attr
+                node.attrs["sha256"] = _attrs_checksum(values)
+
+
+def _attrs_checksum(values: Mapping[str, Any]) -> str:
+    canonical = json.dumps({k: _normalise(v) for k, v in values.items()}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 class H5StreamWriter:
@@ -258,6 +300,11 @@ class H5StreamWriter:
     def __enter__(self) -> H5StreamWriter:
         self._ctx = atomic_path(self.path)
         tmp = self._ctx.__enter__()
+        try:
+            ensure_space(tmp, int(np.prod(self.shape)) * self.dtype.itemsize)
+        except BaseException as error:
+            self._ctx.__exit__(type(error), error, error.__traceback__)
+            raise
         self._fh = h5py.File(tmp, "w")
         for key, value in self.attrs.items():
             self._fh.attrs[key] = value
@@ -355,7 +402,10 @@ class H5Artifact:
         return array
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._fh[name].shape)
+        try:
+            return tuple(self._fh[name].shape)
+        except (KeyError, OSError, RuntimeError) as exc:
+            raise ArtifactError(f"{self.path}: dataset '{name}' is missing or corrupt ({exc}); delete it and rerun") from exc
 
     def iter_batches(self, name: str, batch: int):
         """Yield slices along the first axis; the checksum is verified after the last one.
@@ -380,7 +430,17 @@ class H5Artifact:
             )
 
     def group_attrs(self, group: str) -> dict[str, Any]:
-        return {k: _normalise(v) for k, v in self._fh[group].attrs.items()}
+        """A group's attributes, verified against the checksum written with them."""
+        try:
+            values = {k: _normalise(v) for k, v in self._fh[group].attrs.items()}
+        except (KeyError, OSError, RuntimeError) as exc:
+            raise ArtifactError(f"{self.path}: group '{group}' is missing or corrupt ({exc}); delete it and rerun") from exc
+        want = values.pop("sha256", None)
+        if want is None:
+            raise ArtifactError(f"{self.path}: group '{group}' has no checksum; delete it and rerun")
+        if want != _attrs_checksum(values):
+            raise ArtifactError(f"{self.path}: checksum mismatch in the attributes of '{group}' (corrupt file); delete it and rerun")
+        return values
 
     def dataset_attrs(self, name: str) -> dict[str, Any]:
         return {k: _normalise(v) for k, v in self._fh[name].attrs.items()}

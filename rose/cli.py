@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "prune (and evaluate) everything the config asks for, in this process"),
         ("check", "validate the config; print its variants and effective settings"),
         ("summary", "print the summary table of a finished run"),
+        ("plan", "jobs per stage, peak disk, memory and time, from the model's config alone; "
+         "exit 1 if results_dir lacks the disk"),
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
@@ -30,9 +33,20 @@ def _parser() -> argparse.ArgumentParser:
             "--set", "-s", action="append", default=[], metavar="KEY=VALUE",
             help="override a config value, e.g. --set calibration.nsamples=16 (repeatable)",
         )
-        if name == "run":
+        if name in ("run", "plan"):
             p.add_argument("--no-eval", action="store_true", help="stop at the reassembled models")
+            p.add_argument(
+                "--force", action="store_true",
+                help="start (plan: exit 0) even if the predicted peak disk exceeds the free space",
+            )
+        if name == "run":
             p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+        if name == "plan":
+            p.add_argument(
+                "--driver", choices=("snakemake", "runner"), default="snakemake",
+                help="whose disk peak to check: snakemake (every variant's intermediates at once, "
+                "the larger) or runner (python -m rose run, variant by variant) (default: %(default)s)",
+            )
     return parser
 
 
@@ -67,15 +81,51 @@ def _main(argv: list[str] | None) -> int:
             return 1
         print(summary.read_text())
         return 0
+    if args.command == "plan":
+        return _plan(cfg, args)
     from rose.runner import run
 
-    result = run(cfg, evaluate=not args.no_eval)
+    result = run(cfg, evaluate=not args.no_eval, force=args.force or None)
     summary = result.layout.report_dir / "summary.md"
     if summary.exists():
         print(summary.read_text())
     total = sum(t.seconds for t in result.timings)
     print(f"done in {total:.1f}s: results in {result.layout.run_dir}")
     return 0
+
+
+class DiskFull(SystemExit):
+    """Exit status 1 after a full disk (the one-line error is already printed)."""
+
+
+def entry() -> None:
+    """The `rose` command and `python -m rose`. After a full disk it leaves without interpreter
+    teardown: an HDF5 file whose flush failed cannot be closed, and h5py retries (and crashes
+    the process) when the object is collected. The partial artifact is already removed."""
+    try:
+        code = main()
+    except DiskFull:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    raise SystemExit(code)
+
+
+def _plan(cfg, args) -> int:
+    """Print the pre-flight table; exit 1 (one line) when results_dir lacks the predicted peak."""
+    from rose import preflight
+
+    prediction = preflight.predict(cfg, evaluate=not args.no_eval)
+    free = preflight.free_space(cfg.run_dir)
+    print(preflight.format_report(prediction, args.driver, free))
+    problem = preflight.shortfall(prediction, args.driver, free)
+    if problem is None:
+        return 0
+    if args.force or preflight.forced():
+        print(f"rose: warning: {problem} (forced)", file=sys.stderr)
+        return 0
+    print(f"rose: error: {problem}", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         if exc.errno == errno.ENOSPC:
             print(f"rose: error: no space left on device writing {exc.filename or 'an artifact'}; "
                   "free space and rerun (finished artifacts are kept)", file=sys.stderr)
+            if argv is None:  # the command line: see entry()
+                raise DiskFull(1) from None
             return 1
         raise
     except KeyboardInterrupt:

@@ -60,6 +60,11 @@ class RunLayout:
         return self.run_dir / "report"
 
     @property
+    def lock(self) -> Path:
+        """Held by whichever driver works on the run directory (one at a time)."""
+        return self.run_dir / ".rose.lock"
+
+    @property
     def effective_config(self) -> Path:
         return self.run_dir / "config.effective.yaml"
 

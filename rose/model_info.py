@@ -41,6 +41,28 @@ class ModelInfo:
             raise ArtifactError(f"{path}: not a model.json written by this version; delete it") from exc
 
 
+def load_checked(path: str | Path, source: str) -> ModelInfo:
+    """model.json, refused when it describes another model than the config's or when the
+    weights it points at changed since it was written (every artifact of the run would mix
+    two models)."""
+    info = ModelInfo.load(path)
+    if info.source != source:
+        raise ArtifactError(
+            f"{path}: written for model.source {info.source!r}, this config has {source!r}; "
+            "delete it (and the run directory's artifacts) or use a new run name"
+        )
+    try:
+        found = ckpt.Checkpoint.open(Path(info.path)).fingerprint()
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: the prepared checkpoint {info.path} cannot be read ({exc}); delete it and rerun") from exc
+    if found != info.fingerprint:
+        raise ArtifactError(
+            f"{path}: the weights at {info.path} changed since it was written (fingerprint {found}, "
+            f"recorded {info.fingerprint}); delete the run directory or use a new run name"
+        )
+    return info
+
+
 def open_model(info: ModelInfo) -> tuple[ckpt.Checkpoint, family.Family]:
     """The prepared checkpoint (read tensor by tensor) and its architecture family."""
     checkpoint = ckpt.Checkpoint.open(Path(info.path))
@@ -58,7 +80,7 @@ def prepare_model(cfg: RunConfig, out_json: str | Path) -> ModelInfo:
     )
     checkpoint = ckpt.Checkpoint.open(path)
     config = checkpoint.config
-    fam = family.family_for(config)
+    fam = family.check_model(config)  # supported model_type, attention kinds and layer structure
     num_layers = checkpoint.num_layers()
     if cfg.layers is not None and cfg.layers > num_layers:
         raise ValueError(f"prune.layers = {cfg.layers} but the model has only {num_layers} layers")
@@ -80,10 +102,14 @@ def prepare_model(cfg: RunConfig, out_json: str | Path) -> ModelInfo:
 
 
 def _check_layers_match_config(checkpoint: ckpt.Checkpoint, fam: family.Family, num_layers: int, path: Path) -> None:
-    """Every layer's tensors must be what the config describes (read from headers only)."""
-    expected = family.expected_shapes(checkpoint.config)
+    """Every layer's tensors must be what the config describes (read from headers only).
+
+    Each layer is built from the config (meta device): layers of different attention
+    kinds (Gemma's sliding and full layers) are checked against their own shapes.
+    """
     specs = checkpoint.specs()
     for layer in range(num_layers):
+        expected = family.expected_shapes(checkpoint.config, layer)
         prefix = fam.layer_prefix.format(index=layer)
         for name, shape in expected.items():
             spec = specs.get(prefix + name)

@@ -22,7 +22,7 @@ from rose.artifacts import remove_path
 from rose.config import RunConfig
 from rose.layout import DENSE, RunLayout
 from rose.methods import NEEDS_HESSIAN, NEEDS_ORDER
-from rose.model_info import ModelInfo
+from rose.model_info import ModelInfo, load_checked
 
 PathSet = Path | list[Path]
 
@@ -341,7 +341,7 @@ def execute(cfg: RunConfig, stage: str, wildcards: Mapping[str, str] | None = No
     w = {k: str(v) for k, v in (wildcards or {}).items()}
     plan = Plan(cfg)
     if stage != "prepare_model":
-        plan.info = ModelInfo.load(plan.layout.model_json)
+        plan.info = load_checked(plan.layout.model_json, cfg.model.source)
     step = plan.step(stage, **{k: w[k] for k in STAGES[stage].wildcards})
     i, o = step.inputs, step.outputs
     model = plan.layout.model_json

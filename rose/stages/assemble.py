@@ -40,9 +40,12 @@ def assemble_model(
             replacements[fam.layer_prefix.format(index=layer) + name + ".weight"] = Path(path)
     linears: dict[str, Any] = {}
     prune_seconds = 0.0
+    numerics: set[tuple[str, int]] = set()
     for layer, path in enumerate(stats_paths):
         stats = read_json(path)
         check_provenance(Path(path), stats.get("provenance", {}), layer_provenance(cfg, info, "pruned", variant, layer))
+        if "numerics" in stats:
+            numerics.add((stats["numerics"]["device"], stats["numerics"]["torch_threads"]))
         for name, entry in stats["linears"].items():
             linears[fam.layer_prefix.format(index=layer) + name] = entry
             prune_seconds += entry["seconds"]
@@ -86,6 +89,8 @@ def assemble_model(
         "prune_seconds": prune_seconds,
         "achieved_sparsity": total_zero / total if total else 0.0,
         "reordered_linears": sum(1 for e in linears.values() if e.get("reordered")),
+        # (device, torch threads) the layers were pruned with; more than one after a resume elsewhere
+        "numerics": [{"device": d, "torch_threads": t} for d, t in sorted(numerics)],
         "total_linears": len(linears),
         "linears": linears,
     }

@@ -229,7 +229,10 @@ def prune_layer(
             log.warning("layer %d %s: Hessian needed percdamp %.3g", layer, name, result.damping)
     provenance = layer_provenance(cfg, info, "pruned", variant, layer)
     write_pruned(out_safetensors, pruned, provenance)
-    atomic_write_json(out_stats, {"provenance": provenance, "linears": stats})
+    # The sweep's float32 matmuls round differently with another thread count or device, so the
+    # bytes are reproducible for the same (device, threads): recorded with every layer.
+    numerics = {"device": str(device), "torch_threads": torch.get_num_threads()}
+    atomic_write_json(out_stats, {"provenance": provenance, "numerics": numerics, "linears": stats})
     return stats
 
 
