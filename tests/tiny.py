@@ -1,7 +1,9 @@
 """Tiny random decoder models built from a config, saved as HF safetensors dirs.
 
 Widths are deliberately not multiples of 128 (ROSE's block size), attention uses
-GQA, and embeddings are tied, so the code paths that real models hit are hit here.
+GQA, and embeddings are tied (unless asked otherwise), so the code paths that real
+models hit are hit here. FAMILY_DEFAULTS holds what makes each family itself
+(rope scaling, sliding windows, soft-capping, fused projections).
 """
 
 from __future__ import annotations
@@ -17,6 +19,41 @@ FAMILY_DEFAULTS = {
     "mistral": dict(model_type="mistral", sliding_window=None),
     "qwen2": dict(model_type="qwen2"),
     "qwen3": dict(model_type="qwen3", head_dim=16),
+    # Llama 3.x: llama3 rope scaling (as in Llama-3.1's config.json) and a 128k context.
+    "llama3": dict(
+        model_type="llama",
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    # Gemma 2: alternating sliding (16 tokens) / full layers, attention-logit soft-capping
+    # low enough (4.0) that tanh bends the tiny model's logits, head_dim != hidden/heads.
+    "gemma2": dict(
+        model_type="gemma2",
+        head_dim=24,
+        query_pre_attn_scalar=24,
+        sliding_window=16,
+        attn_logit_softcapping=4.0,
+        final_logit_softcapping=30.0,
+        pad_token_id=0,
+    ),
+    # Gemma 3 text: sliding/full every other layer (pattern 2), local and global RoPE, q/k norms.
+    "gemma3": dict(
+        model_type="gemma3_text",
+        head_dim=24,
+        query_pre_attn_scalar=24,
+        sliding_window=16,
+        sliding_window_pattern=2,
+        pad_token_id=0,
+    ),
+    # Phi-3: fused qkv_proj and gate_up_proj.
+    "phi3": dict(model_type="phi3", pad_token_id=0),
 }
 
 
@@ -45,13 +82,14 @@ def make_tiny_model(
     tie_word_embeddings: bool = True,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    **overrides,
 ) -> Path:
-    """Save a random model of `family` with a tokenizer to `path` and return it."""
+    """Save a random model of `family` with a tokenizer to `path` and return it.
+
+    `overrides` are further config keys (e.g. sliding_window=8) over the family's defaults.
+    """
     torch.manual_seed(seed)
-    extra = dict(FAMILY_DEFAULTS[family])
-    model_type = extra.pop("model_type")
-    config = AutoConfig.for_model(
-        model_type,
+    kwargs = dict(
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
@@ -63,8 +101,10 @@ def make_tiny_model(
         rms_norm_eps=1e-5,
         bos_token_id=1,
         eos_token_id=2,
-        **extra,
     )
+    kwargs.update(FAMILY_DEFAULTS[family])
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
