@@ -118,7 +118,7 @@ def _plan(cfg, args) -> int:
     prediction = preflight.predict(cfg, evaluate=not args.no_eval)
     free = preflight.free_space(cfg.run_dir)
     print(preflight.format_report(prediction, args.driver, free))
-    problem = preflight.shortfall(prediction, args.driver, free)
+    problem = preflight.shortfall(prediction, args.driver, free, "--force (ROSE_FORCE=1 for Snakemake)")
     if problem is None:
         return 0
     if args.force or preflight.forced():

@@ -222,30 +222,63 @@ def _eval_tokens(stage: str, cfg: Mapping[str, Any]) -> float:
     return float(tasks * docs * _ZERO_SHOT_TOKENS_PER_DOC)
 
 
-def estimate_resources(
-    stage: str, cfg: Mapping[str, Any], size: Mapping[str, Any]
-) -> dict[str, int]:
-    """Unscaled (attempt 1) estimate {'mem_mb', 'runtime'} for one job of `stage`.
+# Optional keys of `size` with exact per-layer figures (rose.preflight computes them from
+# the model's config.json, mixture-of-experts layers included). Each one present replaces the
+# value that estimate_resources otherwise derives from the totals (which assume a dense LLaMA).
+DETAIL_KEYS = (
+    "layer_parameters",  # weights of the largest decoder layer
+    "active_layer_parameters",  # weights one token goes through (MoE: the routed experts only)
+    "hessian_elements",  # sum of in_features^2 over a layer's input groups (experts included)
+    "hessian_token_flops",  # Hessian accumulation FLOPs per calibration token
+    "sweep_flops",  # sum of rows * cols^2 + cols^3 over a layer's Linears
+)
 
-    `size` is what model_size returns. Layer sizes are derived from the totals:
-    a decoder layer holds about parameters / num_layers weights (embeddings
-    included, so it errs high), and its widest input is the MLP's intermediate
-    width, solved from layer ~ 2 h^2 (attention, GQA) + 3 h I. Hessians are
-    float64 here to err high.
+
+def _layer_figures(size: Mapping[str, Any]) -> dict[str, float]:
+    """Per-layer weights, Hessian elements and FLOPs: `size`'s detail keys, else derived.
+
+    Derived: a decoder layer holds about parameters / num_layers weights
+    (embeddings included, so it errs high), and its widest input is the MLP's
+    intermediate width, solved from layer ~ 2 h^2 (attention, GQA) + 3 h I.
     """
-    stage = check_stage(stage)
-    kind = "gpu" if uses_gpu(stage, cfg) else "cpu"
     params = float(size["parameters"])
     h = float(size["hidden_size"])
     layer = params / size["num_layers"]
     inter = max(h, (layer - 2 * h * h) / (3 * h))
+    hess_elements = 3 * h * h + inter * inter  # qkv, o, gate/up, down input groups
+    derived = {
+        "layer_parameters": layer,
+        "active_layer_parameters": layer,
+        "hessian_elements": hess_elements,
+        "hessian_token_flops": 2 * hess_elements,
+        "sweep_flops": layer * inter + inter**3 + 3 * h**3,  # rows*cols^2 + cols^3 terms
+    }
+    for key in DETAIL_KEYS:
+        value = _number(size.get(key))
+        if value is not None and value > 0:
+            derived[key] = value
+    return derived
+
+
+def stage_estimate(stage: str, cfg: Mapping[str, Any], size: Mapping[str, Any]) -> tuple[float, float]:
+    """(host bytes held at the peak beyond the interpreter, seconds) for one job of `stage`.
+
+    No safety factors: estimate_resources adds them for the cluster request;
+    rose.preflight prints these. Hessians are float64 here to err high.
+    """
+    stage = check_stage(stage)
+    kind = "gpu" if uses_gpu(stage, cfg) else "cpu"
+    params = float(size["parameters"])
+    fig = _layer_figures(size)
+    h = float(size["hidden_size"])
+    layer = fig["layer_parameters"]
     dbytes = _DTYPE_BYTES.get(str(size["dtype"]), 4)
     tokens = _calibration_tokens(cfg)
     acts = tokens * h * 4  # one layer's hidden states, float32
-    hess = 8 * (3 * h * h + inter * inter)  # qkv, o, gate/up, down input groups
+    hess = 8 * fig["hessian_elements"]
     weights32 = layer * 4
-    sweep_flops = layer * inter + inter**3 + 3 * h**3  # rows*cols^2 + cols^3 terms
-    fwd_flops = 2 * tokens * layer
+    sweep_flops = fig["sweep_flops"]
+    fwd_flops = 2 * tokens * fig["active_layer_parameters"]
     host = {  # bytes held at the peak, beyond the interpreter
         "prepare_model": 6 * 1024 * _MB,  # streams shards; GGUF sources are small
         "capture_calibration": 1024 * _MB,
@@ -263,8 +296,7 @@ def estimate_resources(
         "prepare_model": 40 * 60.0,  # size unknown until it ran: a 70B download
         "capture_calibration": 120.0,
         "embed_calibration": 2 * acts / _IO_RATE,
-        "hessians": (fwd_flops + 2 * tokens * (3 * h * h + inter * inter)) / _FLOPS[kind]
-        + 2 * acts / _IO_RATE,
+        "hessians": (fwd_flops + tokens * fig["hessian_token_flops"]) / _FLOPS[kind] + 2 * acts / _IO_RATE,
         "order": sweep_flops / _FLOPS[kind] + 2 * hess / _IO_RATE,
         "prune": 2 * sweep_flops / _FLOPS[kind] + 2 * hess / _IO_RATE,
         "forward": fwd_flops / _FLOPS[kind] + 3 * acts / _IO_RATE,
@@ -275,6 +307,21 @@ def estimate_resources(
         + params * dbytes / _IO_RATE,
         "report": 60.0,
     }[stage]
+    return host, seconds
+
+
+def estimate_resources(
+    stage: str, cfg: Mapping[str, Any], size: Mapping[str, Any]
+) -> dict[str, int]:
+    """Unscaled (attempt 1) estimate {'mem_mb', 'runtime'} for one job of `stage`.
+
+    `size` is what model_size returns (optionally with DETAIL_KEYS); see
+    stage_estimate for what is counted. mem_mb is the interpreter (plus CUDA)
+    and 1.3 x the stage's peak; runtime is 3 x the estimate, at least 10 minutes.
+    """
+    stage = check_stage(stage)
+    kind = "gpu" if uses_gpu(stage, cfg) else "cpu"
+    host, seconds = stage_estimate(stage, cfg, size)
     mem_mb = _BASE_MEM[kind] + _MEM_SAFETY * host / _MB
     runtime = _RUNTIME_SAFETY * seconds / 60
     return {

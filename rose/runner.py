@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass, field
 
 from rose import plan as graph
+from rose import preflight
 from rose.artifacts import exclusive_lock, remove_path
 from rose.config import RunConfig, write_effective
 from rose.layout import RunLayout
-from rose.model_info import ModelInfo
+from rose.model_info import load_checked
 from rose.provenance import check_run
 
 log = logging.getLogger("rose")
@@ -55,14 +56,17 @@ def _timed(cfg: RunConfig, step: graph.Step, result: RunResult, depth: int | Non
     )
 
 
-def _run(cfg: RunConfig, evaluate: bool, report: bool) -> RunResult:
+def _run(cfg: RunConfig, evaluate: bool, report: bool, force: bool | None = None) -> RunResult:
     check_run(cfg)
+    # Jobs, disk, memory and time from the model's config; refuses a run whose disk peak
+    # does not fit in results_dir (force, or ROSE_FORCE=1, starts it anyway).
+    preflight.check(cfg, "runner", evaluate=evaluate, report=report, force=force)
     write_effective(cfg)
     plan = graph.Plan(cfg)
     result = RunResult(plan.layout)
     if not plan.layout.model_json.exists():
         _timed(cfg, plan.step("prepare_model"), result, None)
-    plan.info = ModelInfo.load(plan.layout.model_json)
+    plan.info = load_checked(plan.layout.model_json, cfg.model.source)
     steps = plan.steps(evaluate=evaluate, report=report)
     need = graph.needed_steps(steps, plan.targets(evaluate=evaluate, report=False))
     readers = graph.consumers(steps)
@@ -80,8 +84,11 @@ def _run(cfg: RunConfig, evaluate: bool, report: bool) -> RunResult:
     return result
 
 
-def run(cfg: RunConfig, evaluate: bool = True, report: bool = True) -> RunResult:
-    """Everything the workflow does, in this process (one runner per run directory at a time)."""
+def run(cfg: RunConfig, evaluate: bool = True, report: bool = True, force: bool | None = None) -> RunResult:
+    """Everything the workflow does, in this process (one runner per run directory at a time).
+
+    `force`: start even when the pre-flight predicts more disk than results_dir has free.
+    """
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(cfg.run_dir / ".rose.lock", f"run directory {cfg.run_dir}"):
-        return _run(cfg, evaluate, report)
+    with exclusive_lock(RunLayout(cfg.run_dir).lock, f"run directory {cfg.run_dir}"):
+        return _run(cfg, evaluate, report, force)

@@ -5,6 +5,7 @@ import re
 from snakemake.exceptions import WorkflowError
 
 from rose import plan as graph
+from rose.artifacts import hold_lock
 from rose.config import ConfigError, from_dict, write_effective
 from rose.joblog import log_to
 from rose.model_info import ModelInfo
@@ -23,10 +24,14 @@ except ValueError as exc:
 
 
 onstart:
+    # one driver per run directory: a `python -m rose run` beside this workflow is refused
+    RUN_LOCK.append(hold_lock(LAYOUT.lock, f"run directory {CFG.run_dir}"))
     check_run(CFG)
+    preflight_check()
     write_effective(CFG)
 
 
+RUN_LOCK = []  # the open lock file, held from onstart until the controller exits
 PLAN = graph.Plan(CFG)
 LAYOUT = PLAN.layout
 RUN = str(CFG.run_dir)
@@ -41,6 +46,18 @@ wildcard_constraints:
     model=_alternatives(PLAN.models),
     metric=_alternatives(PLAN.metrics),
     layer=r"\d+",
+
+
+def preflight_check():
+    """Print the run's jobs, disk, memory and time (rose.preflight); stop before the first job
+    when results_dir lacks the predicted peak disk (every variant's intermediates at once).
+    ROSE_FORCE=1 in the environment starts it anyway."""
+    from rose import preflight
+
+    try:
+        preflight.check(CFG, "snakemake", echo=print)
+    except preflight.PreflightError as exc:
+        raise WorkflowError(str(exc)) from None
 
 
 def plan_outputs(stage):
