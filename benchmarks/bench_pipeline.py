@@ -37,8 +37,20 @@ from rose.layout import RunLayout  # noqa: E402
 from rose.model_info import ModelInfo  # noqa: E402
 
 SHAPES = {
-    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
-    "small": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4, vocab_size=32000),
+    "llama7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "small": dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
 }
 
 
@@ -47,7 +59,9 @@ def synthetic_model(path: Path, layers: int, dtype: torch.dtype, seed: int = 0, 
     from tiny import tiny_tokenizer  # word-level tokenizer over w0..wN, no download
     from transformers import LlamaConfig
 
-    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, tie_word_embeddings=False, **shape)
+    config = LlamaConfig(
+        num_hidden_layers=layers, max_position_embeddings=4096, tie_word_embeddings=False, **shape
+    )
     path.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(path)
     h, i = config.hidden_size, config.intermediate_size
@@ -66,7 +80,10 @@ def synthetic_model(path: Path, layers: int, dtype: torch.dtype, seed: int = 0, 
             ck.TensorSpec(p + "mlp.up_proj.weight", dtype, (i, h)),
             ck.TensorSpec(p + "mlp.down_proj.weight", dtype, (h, i)),
         ]
-    specs += [ck.TensorSpec("model.norm.weight", dtype, (h,)), ck.TensorSpec("lm_head.weight", dtype, (config.vocab_size, h))]
+    specs += [
+        ck.TensorSpec("model.norm.weight", dtype, (h,)),
+        ck.TensorSpec("lm_head.weight", dtype, (config.vocab_size, h)),
+    ]
     generator = torch.Generator().manual_seed(seed)
 
     def tensors():
@@ -75,7 +92,10 @@ def synthetic_model(path: Path, layers: int, dtype: torch.dtype, seed: int = 0, 
                 yield spec.name, torch.ones(spec.shape, dtype=dtype)
             else:
                 fan_in = spec.shape[-1]
-                yield spec.name, (torch.randn(spec.shape, generator=generator) / fan_in**0.5).to(dtype)
+                yield (
+                    spec.name,
+                    (torch.randn(spec.shape, generator=generator) / fan_in**0.5).to(dtype),
+                )
 
     ck.save_sharded(path, specs, tensors(), metadata={"format": "pt"}, shard_bytes=1 << 30)
     tiny_tokenizer(config.vocab_size).save_pretrained(path)
@@ -92,7 +112,11 @@ def load_config(args, results: Path, model: Path | None = None):
         words = torch.randint(3, 30000, (400_000,), generator=torch.Generator().manual_seed(1))
         text.write_text(" ".join(f"w{int(w)}" for w in words))
         overrides = rose_config.merge(
-            overrides, {"model": {"source": str(model)}, "calibration": {"source": {"kind": "file", "path": str(text)}}}
+            overrides,
+            {
+                "model": {"source": str(model)},
+                "calibration": {"source": {"kind": "file", "path": str(text)}},
+            },
         )
     return rose_config.load(args.config, overrides)
 
@@ -112,22 +136,50 @@ def cmd_stages(args) -> None:
         sweep_seconds = defaultdict(float)
         for variant in cfg.variants:
             for stats in sorted((cfg.run_dir / variant.name).glob("layer_*/stats.json")):
-                sweep_seconds[variant.name] += sum(e["seconds"] for e in json.loads(stats.read_text())["linears"].values())
+                sweep_seconds[variant.name] += sum(
+                    e["seconds"] for e in json.loads(stats.read_text())["linears"].values()
+                )
         by_stage: dict[str, list[float]] = defaultdict(list)
         for t in result.timings:
             by_stage[t.stage].append(t.seconds)
         rows = []
         for stage, values in by_stage.items():
-            rows.append([stage, len(values), f"{sum(values):.1f}", f"{sum(values) / len(values):.2f}", f"{100 * sum(values) / wall:.1f}%"])
+            rows.append(
+                [
+                    stage,
+                    len(values),
+                    f"{sum(values):.1f}",
+                    f"{sum(values) / len(values):.2f}",
+                    f"{100 * sum(values) / wall:.1f}%",
+                ]
+            )
         total_sweep = sum(sweep_seconds.values())
         prune_total = sum(by_stage.get("prune", [0.0]))
-        rows.append(["  of which sweep (inside prune)", "", f"{total_sweep:.1f}", "", f"{100 * total_sweep / wall:.1f}%"])
-        rows.append(["  of which I/O + other (prune)", "", f"{prune_total - total_sweep:.1f}", "", f"{100 * (prune_total - total_sweep) / wall:.1f}%"])
+        rows.append(
+            [
+                "  of which sweep (inside prune)",
+                "",
+                f"{total_sweep:.1f}",
+                "",
+                f"{100 * total_sweep / wall:.1f}%",
+            ]
+        )
+        rows.append(
+            [
+                "  of which I/O + other (prune)",
+                "",
+                f"{prune_total - total_sweep:.1f}",
+                "",
+                f"{100 * (prune_total - total_sweep) / wall:.1f}%",
+            ]
+        )
         rows.append(["total (wall)", "", f"{wall:.1f}", "", "100%"])
         print("\n".join(header()))
         info = ModelInfo.load(layout.model_json)
-        print(f"\nmodel: {info.source} ({info.num_layers} layers, hidden {info.hidden_size}), "
-              f"calibration {cfg.calibration.nsamples} x {cfg.calibration.seqlen}, variants {', '.join(v.name for v in cfg.variants)}\n")
+        print(
+            f"\nmodel: {info.source} ({info.num_layers} layers, hidden {info.hidden_size}), "
+            f"calibration {cfg.calibration.nsamples} x {cfg.calibration.seqlen}, variants {', '.join(v.name for v in cfg.variants)}\n"
+        )
         print(table(rows, ["stage", "jobs", "seconds", "s/job", "share"]))
         layers = sorted({t.layer for t in result.timings if t.layer is not None})
         if layers:
@@ -136,7 +188,10 @@ def cmd_stages(args) -> None:
                 if t.layer is not None:
                     per_layer[(t.stage, t.layer)] += t.seconds
             stage_names = [s for s in ("hessians", "order", "prune", "forward") if s in by_stage]
-            rows = [[layer, *(f"{per_layer[(s, layer)]:.2f}" for s in stage_names)] for layer in layers[: args.show_layers]]
+            rows = [
+                [layer, *(f"{per_layer[(s, layer)]:.2f}" for s in stage_names)]
+                for layer in layers[: args.show_layers]
+            ]
             print("\nper layer (all variants summed):\n")
             print(table(rows, ["layer", *stage_names]))
         if torch.cuda.is_available():
@@ -157,20 +212,42 @@ def cmd_overhead(args) -> None:
             configfile.write_text(json.dumps(raw, default=str))
             started = time.perf_counter()
             if name == "runner":
-                subprocess.run([sys.executable, "-m", "rose", "run", "--config", str(configfile), "-q"], check=True, cwd=REPO)
+                subprocess.run(
+                    [sys.executable, "-m", "rose", "run", "--config", str(configfile), "-q"],
+                    check=True,
+                    cwd=REPO,
+                )
             else:
                 subprocess.run(
-                    [str(Path(sys.executable).with_name("snakemake")), "--profile", str(REPO / "workflow/profiles/workstation"),
-                     "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp / "wd"), "--configfile", str(configfile),
-                     "--cores", str(args.cores), "-q"],
-                    check=True, cwd=REPO, stdout=subprocess.DEVNULL,
+                    [
+                        str(Path(sys.executable).with_name("snakemake")),
+                        "--profile",
+                        str(REPO / "workflow/profiles/workstation"),
+                        "--snakefile",
+                        str(REPO / "Snakefile"),
+                        "--directory",
+                        str(tmp / "wd"),
+                        "--configfile",
+                        str(configfile),
+                        "--cores",
+                        str(args.cores),
+                        "-q",
+                    ],
+                    check=True,
+                    cwd=REPO,
+                    stdout=subprocess.DEVNULL,
                 )
             times[name] = time.perf_counter() - started
             shutil.rmtree(results, ignore_errors=True)
     print("\n".join(header()))
     print()
-    print(table([[k, f"{v:.1f}"] for k, v in times.items()] + [["ratio", f"{times['snakemake'] / times['runner']:.2f}x"]],
-                ["how", "wall seconds"]))
+    print(
+        table(
+            [[k, f"{v:.1f}"] for k, v in times.items()]
+            + [["ratio", f"{times['snakemake'] / times['runner']:.2f}x"]],
+            ["how", "wall seconds"],
+        )
+    )
 
 
 def peak_rss_mb() -> float:
@@ -189,7 +266,11 @@ def _run_one_stage(cfg_path: str, stage: str, layer: int) -> None:
     cfg = rose_config.load(cfg_path)
     v = "rose-0.5"
     at = {"variant": v, "layer": layer}
-    wildcards = {"embed_calibration": {}, "forward": {"variant": v, "layer": layer + 1}, "assemble": {"variant": v}}
+    wildcards = {
+        "embed_calibration": {},
+        "forward": {"variant": v, "layer": layer + 1},
+        "assemble": {"variant": v},
+    }
     graph.execute(cfg, stage, wildcards.get(stage, at))
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
     print(json.dumps({"rss_mb": peak_rss_mb(), "gpu_mb": gpu}))
@@ -202,9 +283,24 @@ def cmd_memory(args) -> None:
         peaks: dict[int, dict[str, dict]] = {}
         for depth in args.depths:
             dtype = torch.float16 if torch.cuda.is_available() else torch.float32
-            model = synthetic_model(tmp / f"model{depth}", depth, dtype, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                                    num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
-            args.set = [*args.set, "methods=[rose]", "sparsities=[0.5]", "keep_intermediates=true", "evaluation=null", f"run=depth{depth}"]
+            model = synthetic_model(
+                tmp / f"model{depth}",
+                depth,
+                dtype,
+                hidden_size=args.hidden,
+                intermediate_size=args.intermediate,
+                num_attention_heads=16,
+                num_key_value_heads=4,
+                vocab_size=32000,
+            )
+            args.set = [
+                *args.set,
+                "methods=[rose]",
+                "sparsities=[0.5]",
+                "keep_intermediates=true",
+                "evaluation=null",
+                f"run=depth{depth}",
+            ]
             cfg = load_config(args, tmp / "results", model)
             runner.run(cfg, evaluate=False, report=False)
             cfg_path = tmp / f"depth{depth}.yaml"
@@ -225,7 +321,10 @@ def cmd_memory(args) -> None:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
                 out = subprocess.run(
                     [sys.executable, __file__, "_stage", str(cfg_path), stage, str(layer)],
-                    check=True, capture_output=True, text=True, cwd=REPO,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    cwd=REPO,
                 )
                 peaks[depth][stage] = json.loads(out.stdout.strip().splitlines()[-1])
         for stage in STAGE_CALLS:
@@ -233,11 +332,20 @@ def cmd_memory(args) -> None:
             rss = [v["rss_mb"] for v in values]
             gpu = [v["gpu_mb"] for v in values]
             ratio = max(rss) / min(rss)
-            rows.append([stage, *(f"{r:.0f}" for r in rss), *(f"{g:.0f}" for g in gpu), f"{ratio:.2f}"])
+            rows.append(
+                [stage, *(f"{r:.0f}" for r in rss), *(f"{g:.0f}" for g in gpu), f"{ratio:.2f}"]
+            )
     print("\n".join(header()))
-    print(f"\nsynthetic LLaMA, hidden {args.hidden}, intermediate {args.intermediate}; one layer = "
-          f"{(4 * args.hidden**2 + 3 * args.hidden * args.intermediate) * 4 / 2**20:.0f} MiB in fp32\n")
-    cols = ["stage", *(f"RSS MiB @{d}" for d in args.depths), *(f"GPU MiB @{d}" for d in args.depths), "max/min RSS"]
+    print(
+        f"\nsynthetic LLaMA, hidden {args.hidden}, intermediate {args.intermediate}; one layer = "
+        f"{(4 * args.hidden**2 + 3 * args.hidden * args.intermediate) * 4 / 2**20:.0f} MiB in fp32\n"
+    )
+    cols = [
+        "stage",
+        *(f"RSS MiB @{d}" for d in args.depths),
+        *(f"GPU MiB @{d}" for d in args.depths),
+        "max/min RSS",
+    ]
     print(table(rows, cols))
 
 
@@ -257,7 +365,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=2816)
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 16])
-    parser.add_argument("--workdir", default=None, help="where temporary runs go (default: system temp)")
+    parser.add_argument(
+        "--workdir", default=None, help="where temporary runs go (default: system temp)"
+    )
     args = parser.parse_args()
     {"stages": cmd_stages, "overhead": cmd_overhead, "memory": cmd_memory}[args.what](args)
 

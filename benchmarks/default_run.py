@@ -45,7 +45,10 @@ def code_version() -> str:
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty"],
-            cwd=REPO, capture_output=True, text=True, check=True,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -137,17 +140,25 @@ def summary_rows(run_dir: Path, variants: list[str]) -> list[report.SummaryRow]:
             f"{run_dir}: no reassembled model for {', '.join(missing)} "
             "(<variant>/model/pruning.json); the run has not finished"
         )
-    return [report.load_row(run_dir, DENSE)] + [report.load_row(run_dir, v, manifests[v]) for v in variants]
+    return [report.load_row(run_dir, DENSE)] + [
+        report.load_row(run_dir, v, manifests[v]) for v in variants
+    ]
 
 
 def block(record: dict, table: str) -> str:
     """The markdown block pasted into the README."""
     wall = record.get("wall_seconds")
     if wall is None:
-        took = f"(wall time not recorded: printed by --from-existing on {record['machine_summary']})"
+        took = (
+            f"(wall time not recorded: printed by --from-existing on {record['machine_summary']})"
+        )
     else:
         took = f"took {duration(wall)} end to end on {record['machine_summary']} (install excluded"
-        took += ")" if record.get("fresh", True) else "; it resumed an existing run directory, so this is not a full run's time)"
+        took += (
+            ")"
+            if record.get("fresh", True)
+            else "; it resumed an existing run directory, so this is not a full run's time)"
+        )
     lines = [
         f"The first command {took}, and printed:",
         "",
@@ -164,13 +175,19 @@ def block(record: dict, table: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config (default: %(default)s)")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--config", type=Path, default=DEFAULT_CONFIG, help="config (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, as `python -m rose run --set` (repeatable)",
     )
     parser.add_argument(
-        "--from-existing", action="store_true",
+        "--from-existing",
+        action="store_true",
         help="do not run: print the block from the run directory as it is",
     )
     parser.add_argument("snakemake_args", nargs="*", help="after --: passed to snakemake")
@@ -202,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         if not fresh:
             print(
                 f"warning: {shown(run_dir)} exists: snakemake only makes what is missing, so the wall "
-                "time is not a full run's; delete it for the README's number", file=sys.stderr,
+                "time is not a full run's; delete it for the README's number",
+                file=sys.stderr,
             )
         command, wall = run_snakemake(args.config, overrides, args.snakemake_args)
         record = {

@@ -102,7 +102,9 @@ def ensure_space(path: str | Path, nbytes: int) -> None:
     needed = int(nbytes * 1.01) + (64 << 10)  # HDF5 headers, chunk index, attributes
     free = shutil.disk_usage(path.parent).free
     if free < needed:
-        raise OSError(errno.ENOSPC, f"No space left on device (needs {needed} bytes, {free} free)", str(path))
+        raise OSError(
+            errno.ENOSPC, f"No space left on device (needs {needed} bytes, {free} free)", str(path)
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -135,7 +137,9 @@ def hold_lock(path: str | Path, what: str):
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.close()
-        raise ArtifactError(f"{what} is in use by another run (lock {path}); wait for it to finish") from None
+        raise ArtifactError(
+            f"{what} is in use by another run (lock {path}); wait for it to finish"
+        ) from None
     return fh
 
 
@@ -275,7 +279,9 @@ def write_h5(
 
 
 def _attrs_checksum(values: Mapping[str, Any]) -> str:
-    canonical = json.dumps({k: _normalise(v) for k, v in values.items()}, sort_keys=True, default=str)
+    canonical = json.dumps(
+        {k: _normalise(v) for k, v in values.items()}, sort_keys=True, default=str
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -287,8 +293,15 @@ class H5StreamWriter:
     ever holding it in memory.
     """
 
-    def __init__(self, path: str | Path, name: str, shape: tuple[int, ...], dtype: np.dtype,
-                 attrs: Mapping[str, Any], chunk_bytes: int = 4 << 20):
+    def __init__(
+        self,
+        path: str | Path,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        attrs: Mapping[str, Any],
+        chunk_bytes: int = 4 << 20,
+    ):
         self.path = Path(path)
         self.name = name
         self.shape = shape
@@ -319,7 +332,9 @@ class H5StreamWriter:
         array = _to_numpy(block).astype(self.dtype, copy=False)
         end = self._written + array.shape[0]
         if end > self.shape[0]:
-            raise ValueError(f"{self.path}: more rows written than declared ({end} > {self.shape[0]})")
+            raise ValueError(
+                f"{self.path}: more rows written than declared ({end} > {self.shape[0]})"
+            )
         self._dset[self._written : end] = array
         self._hash.update(np.ascontiguousarray(array).tobytes())
         self._written = end
@@ -405,7 +420,9 @@ class H5Artifact:
         try:
             return tuple(self._fh[name].shape)
         except (KeyError, OSError, RuntimeError) as exc:
-            raise ArtifactError(f"{self.path}: dataset '{name}' is missing or corrupt ({exc}); delete it and rerun") from exc
+            raise ArtifactError(
+                f"{self.path}: dataset '{name}' is missing or corrupt ({exc}); delete it and rerun"
+            ) from exc
 
     def iter_batches(self, name: str, batch: int):
         """Yield slices along the first axis; the checksum is verified after the last one.
@@ -434,12 +451,18 @@ class H5Artifact:
         try:
             values = {k: _normalise(v) for k, v in self._fh[group].attrs.items()}
         except (KeyError, OSError, RuntimeError) as exc:
-            raise ArtifactError(f"{self.path}: group '{group}' is missing or corrupt ({exc}); delete it and rerun") from exc
+            raise ArtifactError(
+                f"{self.path}: group '{group}' is missing or corrupt ({exc}); delete it and rerun"
+            ) from exc
         want = values.pop("sha256", None)
         if want is None:
-            raise ArtifactError(f"{self.path}: group '{group}' has no checksum; delete it and rerun")
+            raise ArtifactError(
+                f"{self.path}: group '{group}' has no checksum; delete it and rerun"
+            )
         if want != _attrs_checksum(values):
-            raise ArtifactError(f"{self.path}: checksum mismatch in the attributes of '{group}' (corrupt file); delete it and rerun")
+            raise ArtifactError(
+                f"{self.path}: checksum mismatch in the attributes of '{group}' (corrupt file); delete it and rerun"
+            )
         return values
 
     def dataset_attrs(self, name: str) -> dict[str, Any]:
@@ -458,7 +481,9 @@ class H5Artifact:
 # ---------------------------------------------------------------- pruned layers (safetensors)
 
 
-def write_pruned(path: str | Path, tensors: dict[str, torch.Tensor], provenance: Mapping[str, Any]) -> None:
+def write_pruned(
+    path: str | Path, tensors: dict[str, torch.Tensor], provenance: Mapping[str, Any]
+) -> None:
     """One layer's pruned weights, atomically, stamped with provenance and a checksum.
 
     One metadata key holding sorted JSON: safetensors writes several keys in
@@ -469,7 +494,9 @@ def write_pruned(path: str | Path, tensors: dict[str, torch.Tensor], provenance:
         save_file(tensors, str(tmp), metadata={PROVENANCE_KEY: json.dumps(stamped, sort_keys=True)})
 
 
-def read_pruned(path: str | Path, expected_provenance: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def read_pruned(
+    path: str | Path, expected_provenance: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
     """The tensors of a `write_pruned` file; refused if made for another run or corrupt."""
     path = Path(path)
     try:
@@ -480,7 +507,9 @@ def read_pruned(path: str | Path, expected_provenance: Mapping[str, Any]) -> dic
     except (FileNotFoundError, ArtifactError):
         raise
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise ArtifactError(f"{path}: corrupt or truncated safetensors ({exc}); delete it and rerun") from exc
+        raise ArtifactError(
+            f"{path}: corrupt or truncated safetensors ({exc}); delete it and rerun"
+        ) from exc
     if found.get("sha256") != _tensors_checksum(tensors):
         raise ArtifactError(f"{path}: checksum mismatch (corrupt file); delete it and rerun")
     return tensors

@@ -24,26 +24,42 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "prune (and evaluate) everything the config asks for, in this process"),
         ("check", "validate the config; print its variants and effective settings"),
         ("summary", "print the summary table of a finished run"),
-        ("plan", "jobs per stage, peak disk, memory and time, from the model's config alone; "
-         "exit 1 if results_dir lacks the disk"),
+        (
+            "plan",
+            "jobs per stage, peak disk, memory and time, from the model's config alone; "
+            "exit 1 if results_dir lacks the disk",
+        ),
     ):
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
         p.add_argument(
-            "--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+            "--config",
+            "-c",
+            type=Path,
+            default=DEFAULT_CONFIG,
+            help="YAML config (default: %(default)s)",
+        )
+        p.add_argument(
+            "--set",
+            "-s",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
             help="override a config value, e.g. --set calibration.nsamples=16 (repeatable)",
         )
         if name in ("run", "plan"):
             p.add_argument("--no-eval", action="store_true", help="stop at the reassembled models")
             p.add_argument(
-                "--force", action="store_true",
+                "--force",
+                action="store_true",
                 help="start (plan: exit 0) even if the predicted peak disk exceeds the free space",
             )
         if name == "run":
             p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
         if name == "plan":
             p.add_argument(
-                "--driver", choices=("snakemake", "runner"), default="snakemake",
+                "--driver",
+                choices=("snakemake", "runner"),
+                default="snakemake",
                 help="whose disk peak to check: snakemake (every variant's intermediates at once, "
                 "the larger) or runner (python -m rose run, variant by variant) (default: %(default)s)",
             )
@@ -62,14 +78,18 @@ def _load(args):
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
     cfg = _load(args)
     if args.command == "check":
         from rose.config import effective
 
         print(f"# config OK: run {cfg.run} -> {cfg.run_dir}")
         print("# variants: " + ", ".join(v.name for v in cfg.variants))
-        print("# effective settings (defaults filled in; Snakemake reads the same file the same way):")
+        print(
+            "# effective settings (defaults filled in; Snakemake reads the same file the same way):"
+        )
         print(effective(cfg), end="")
         return 0
     if args.command == "summary":
@@ -118,7 +138,9 @@ def _plan(cfg, args) -> int:
     prediction = preflight.predict(cfg, evaluate=not args.no_eval)
     free = preflight.free_space(cfg.run_dir)
     print(preflight.format_report(prediction, args.driver, free))
-    problem = preflight.shortfall(prediction, args.driver, free, "--force (ROSE_FORCE=1 for Snakemake)")
+    problem = preflight.shortfall(
+        prediction, args.driver, free, "--force (ROSE_FORCE=1 for Snakemake)"
+    )
     if problem is None:
         return 0
     if args.force or preflight.forced():
@@ -138,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            print(f"rose: error: no space left on device writing {exc.filename or 'an artifact'}; "
-                  "free space and rerun (finished artifacts are kept)", file=sys.stderr)
+            print(
+                f"rose: error: no space left on device writing {exc.filename or 'an artifact'}; "
+                "free space and rerun (finished artifacts are kept)",
+                file=sys.stderr,
+            )
             if argv is None:  # the command line: see entry()
                 raise DiskFull(1) from None
             return 1

@@ -26,12 +26,26 @@ DEFAULTS: dict[str, Any] = {
     "keep_intermediates": False,
     "model": {"revision": None, "dtype": "auto", "trust_remote_code": False, "allow_pickle": False},
     "calibration": {"seed": 0, "batch_size": 8},
-    "prune": {"blocksize": 128, "percdamp": 0.01, "threshold": 0.5, "reorder": "adaptive", "layers": None},
+    "prune": {
+        "blocksize": 128,
+        "percdamp": 0.01,
+        "threshold": 0.5,
+        "reorder": "adaptive",
+        "layers": None,
+    },
     "evaluation": None,
 }
 EVAL_DEFAULTS: dict[str, Any] = {"batch_size": 4, "perplexity": [], "zero_shot": None}
 ZERO_SHOT_DEFAULTS: dict[str, Any] = {
-    "tasks": ["winogrande", "boolq", "piqa", "openbookqa", "hellaswag", "arc_easy", "arc_challenge"],
+    "tasks": [
+        "winogrande",
+        "boolq",
+        "piqa",
+        "openbookqa",
+        "hellaswag",
+        "arc_easy",
+        "arc_challenge",
+    ],
     "limit": None,
     "batch_size": 8,
     "offline": False,
@@ -185,7 +199,9 @@ def from_dict(given: dict[str, Any]) -> RunConfig:
     if raw.get("evaluation"):
         raw["evaluation"] = merge(EVAL_DEFAULTS, raw["evaluation"])
         if raw["evaluation"].get("zero_shot"):
-            raw["evaluation"]["zero_shot"] = merge(ZERO_SHOT_DEFAULTS, raw["evaluation"]["zero_shot"])
+            raw["evaluation"]["zero_shot"] = merge(
+                ZERO_SHOT_DEFAULTS, raw["evaluation"]["zero_shot"]
+            )
     else:
         raw["evaluation"] = None
     sparsities = []

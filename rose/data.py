@@ -47,7 +47,9 @@ class TextSource:
     fraction: float | None = None
 
     def describe(self) -> str:
-        parts = [self.kind] + [f"{k}={v}" for k, v in (("path", self.path), ("split", self.split)) if v]
+        parts = [self.kind] + [
+            f"{k}={v}" for k, v in (("path", self.path), ("split", self.split)) if v
+        ]
         return " ".join(parts)
 
 
@@ -73,10 +75,14 @@ def _documents_from_json(value, field: str | None, where: str) -> list[str]:
         elif isinstance(item, dict):
             key = field or "text"
             if key not in item:
-                raise DataError(f"{where}: a document has no field {key!r} (set the source's field)")
+                raise DataError(
+                    f"{where}: a document has no field {key!r} (set the source's field)"
+                )
             docs.append(str(item[key]))
         else:
-            raise DataError(f"{where}: documents must be strings or objects, got {type(item).__name__}")
+            raise DataError(
+                f"{where}: documents must be strings or objects, got {type(item).__name__}"
+            )
     return docs
 
 
@@ -111,7 +117,9 @@ def _head_or_tail(docs: list[str], source: TextSource) -> list[str]:
     if source.split in (None, "all"):
         return docs
     if source.split not in ("head", "tail"):
-        raise DataError(f"text source {source.kind}: split must be head, tail or all, got {source.split!r}")
+        raise DataError(
+            f"text source {source.kind}: split must be head, tail or all, got {source.split!r}"
+        )
     fraction = source.fraction or DEFAULT_TAIL
     if len(docs) == 1:  # one running text: cut it by characters, at a space
         text = docs[0]
@@ -120,7 +128,9 @@ def _head_or_tail(docs: list[str], source: TextSource) -> list[str]:
         return [text[:cut]] if source.split == "head" else [text[cut + 1 :]]
     tail = max(1, math.ceil(len(docs) * fraction))
     if tail >= len(docs):
-        raise DataError(f"text source {source.describe()}: too few documents ({len(docs)}) to split")
+        raise DataError(
+            f"text source {source.describe()}: too few documents ({len(docs)}) to split"
+        )
     return docs[:-tail] if source.split == "head" else docs[-tail:]
 
 
@@ -131,7 +141,9 @@ def load_documents(source: TextSource) -> list[str]:
             raise DataError("text source kind file needs a path")
         return _head_or_tail(_read_file(Path(source.path).expanduser(), source.field), source)
     if source.kind == "wiki-offline":
-        return _head_or_tail(_read_file(_wiki_offline_file(), source.field or WIKI_OFFLINE[2]), source)
+        return _head_or_tail(
+            _read_file(_wiki_offline_file(), source.field or WIKI_OFFLINE[2]), source
+        )
     if source.kind in ("c4", "wikitext2"):
         return _hub_documents(source)
     raise DataError(f"unknown text source kind {source.kind!r}")
@@ -162,7 +174,9 @@ def _hub_documents(source: TextSource) -> list[str]:
 
 def tokenizer_for(model_dir: str | Path, trust_remote_code: bool = False):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(model_dir), trust_remote_code=trust_remote_code
+        )
     except Exception as exc:
         raise DataError(f"{model_dir}: no usable tokenizer ({first_line(exc)})") from None
     tokenizer.model_max_length = int(1e12)  # we cut windows ourselves; silence the length warning
@@ -170,10 +184,14 @@ def tokenizer_for(model_dir: str | Path, trust_remote_code: bool = False):
 
 
 def _encode(tokenizer, text: str) -> torch.Tensor:
-    return torch.tensor(tokenizer(text, return_attention_mask=False)["input_ids"], dtype=torch.int64)
+    return torch.tensor(
+        tokenizer(text, return_attention_mask=False)["input_ids"], dtype=torch.int64
+    )
 
 
-def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def calibration_windows(
+    tokenizer, source: TextSource, nsamples: int, seqlen: int, seed: int
+) -> torch.Tensor:
     """[nsamples, seqlen] int64 token windows, the same for the same seed."""
     generator = torch.Generator().manual_seed(seed)
     docs = load_documents(source)
@@ -193,7 +211,9 @@ def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: in
     return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
 
 
-def _windows_per_document(tokenizer, docs: list[str], nsamples: int, seqlen: int, generator) -> torch.Tensor:
+def _windows_per_document(
+    tokenizer, docs: list[str], nsamples: int, seqlen: int, generator
+) -> torch.Tensor:
     windows = []
     for _ in range(nsamples):
         for _attempt in range(10_000):
@@ -208,7 +228,9 @@ def _windows_per_document(tokenizer, docs: list[str], nsamples: int, seqlen: int
     return torch.stack(windows)
 
 
-def eval_windows(tokenizer, source: TextSource, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+def eval_windows(
+    tokenizer, source: TextSource, seqlen: int, max_windows: int | None = None
+) -> torch.Tensor:
     """Non-overlapping [n, seqlen] windows of the joined evaluation text."""
     docs = load_documents(source)
     joiner = " " if source.kind == "c4" else "\n\n"
@@ -218,5 +240,7 @@ def eval_windows(tokenizer, source: TextSource, seqlen: int, max_windows: int | 
     if limit:
         count = min(count, limit)
     if count == 0:
-        raise DataError(f"evaluation text ({source.describe()}) has {stream.numel()} tokens, less than one window of {seqlen}")
+        raise DataError(
+            f"evaluation text ({source.describe()}) has {stream.numel()} tokens, less than one window of {seqlen}"
+        )
     return stream[: count * seqlen].view(count, seqlen)

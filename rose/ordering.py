@@ -91,13 +91,20 @@ def loss_matrix(score: torch.Tensor, sparsity: Sparsity, blocksize: int) -> torc
     full = cols // blocksize
     loss = torch.zeros_like(score)
     if full:  # all full-width blocks in one batched selection, each block flattened row-major
-        blocks = score[:, : full * blocksize].reshape(rows, full, blocksize).transpose(0, 1).reshape(full, -1)
+        blocks = (
+            score[:, : full * blocksize]
+            .reshape(rows, full, blocksize)
+            .transpose(0, 1)
+            .reshape(full, -1)
+        )
         mask = smallest_mask(blocks, prune_count(rows * blocksize, sparsity.fraction), dim=1)
         chosen = (blocks * mask).reshape(full, rows, blocksize).transpose(0, 1)
         loss[:, : full * blocksize] = chosen.reshape(rows, full * blocksize)
     if cols % blocksize:
         block = score[:, full * blocksize :]
-        loss[:, full * blocksize :] = block * smallest_mask(block, prune_count(block.numel(), sparsity.fraction))
+        loss[:, full * blocksize :] = block * smallest_mask(
+            block, prune_count(block.numel(), sparsity.fraction)
+        )
     return loss
 
 
@@ -182,10 +189,16 @@ def identity_order(columns: int, blocksize: int, sparsity: Sparsity) -> Ordering
 
 
 def loss_map(
-    weight: torch.Tensor, hessian: torch.Tensor, sparsity: Sparsity, blocksize: int = 128, row_groups: int = 64
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: Sparsity,
+    blocksize: int = 128,
+    row_groups: int = 64,
 ) -> torch.Tensor:
     """Would-be-pruned score summed over (row group, block) cells: the paper's motivation heatmap."""
     loss = loss_matrix(scores(weight, torch.diagonal(hessian)), sparsity, blocksize).float().cpu()
     rows = torch.tensor_split(torch.arange(loss.shape[0]), min(row_groups, loss.shape[0]))
-    per_block = torch.stack([loss[:, a:b].sum(dim=1) for a, b in block_bounds(loss.shape[1], blocksize)], dim=1)
+    per_block = torch.stack(
+        [loss[:, a:b].sum(dim=1) for a, b in block_bounds(loss.shape[1], blocksize)], dim=1
+    )
     return torch.stack([per_block[r].sum(dim=0) for r in rows])

@@ -34,7 +34,9 @@ class Stage:
     name: str
     wildcards: tuple[str, ...]
     outputs: Callable[[RunLayout, Mapping[str, str]], dict[str, Path]]
-    temporary: frozenset[str] = frozenset()  # outputs removed once every step that reads them has run
+    temporary: frozenset[str] = (
+        frozenset()
+    )  # outputs removed once every step that reads them has run
     directories: frozenset[str] = frozenset()  # outputs that are directories
     gpu: bool = False  # tensor math: runs on the GPU when the config's device allows
 
@@ -51,7 +53,11 @@ STAGES: dict[str, Stage] = {
         Stage("prepare_model", (), lambda L, w: {"model": L.model_json}),
         Stage("capture_calibration", (), lambda L, w: {"tokens": L.tokens}),
         Stage(
-            "embed_calibration", (), lambda L, w: {"inputs": L.inputs(DENSE, 0)}, frozenset({"inputs"}), gpu=True
+            "embed_calibration",
+            (),
+            lambda L, w: {"inputs": L.inputs(DENSE, 0)},
+            frozenset({"inputs"}),
+            gpu=True,
         ),
         Stage(
             "hessians",
@@ -95,7 +101,12 @@ STAGES: dict[str, Stage] = {
             lambda L, w: {"result": L.perplexity(w["model"], w["metric"])},
             gpu=True,
         ),
-        Stage("evaluate_zero_shot", ("model",), lambda L, w: {"result": L.zero_shot(w["model"])}, gpu=True),
+        Stage(
+            "evaluate_zero_shot",
+            ("model",),
+            lambda L, w: {"result": L.zero_shot(w["model"])},
+            gpu=True,
+        ),
         Stage(
             "report",
             (),
@@ -123,7 +134,11 @@ class Step:
         return self.stage, self.wildcards
 
     def input_paths(self) -> list[Path]:
-        return [p for value in self.inputs.values() for p in (value if isinstance(value, list) else [value])]
+        return [
+            p
+            for value in self.inputs.values()
+            for p in (value if isinstance(value, list) else [value])
+        ]
 
     def describe(self) -> str:
         return " ".join([self.stage, *(f"{k}={v}" for k, v in self.wildcards)])
@@ -156,7 +171,10 @@ class Plan:
     def output_patterns(self, stage: str) -> dict[str, str]:
         """Outputs with Snakemake wildcards in place of the values (`{variant}`, `{layer}`, ...)."""
         spec = STAGES[stage]
-        return {k: str(v) for k, v in spec.outputs(self.layout, {w: f"{{{w}}}" for w in spec.wildcards}).items()}
+        return {
+            k: str(v)
+            for k, v in spec.outputs(self.layout, {w: f"{{{w}}}" for w in spec.wildcards}).items()
+        }
 
     def log_path(self, stage: str, wildcards: Mapping[str, str]) -> Path:
         return self.layout.log(stage, {w: wildcards[w] for w in STAGES[stage].wildcards})
@@ -202,7 +220,9 @@ class Plan:
             inputs["pruned"] = [L.pruned(wildcards["variant"], i) for i in layers]
             inputs["stats"] = [L.stats(wildcards["variant"], i) for i in layers]
         elif stage in ("evaluate_perplexity", "evaluate_zero_shot"):
-            if wildcards["model"] != DENSE:  # dense is the prepared checkpoint that model.json names
+            if (
+                wildcards["model"] != DENSE
+            ):  # dense is the prepared checkpoint that model.json names
                 inputs["model_dir"] = L.model_dir(wildcards["model"])
         elif stage == "report":
             inputs["models"] = [L.model_dir(v) for v in self.variants]
@@ -213,7 +233,9 @@ class Plan:
         spec = STAGES[stage]
         w = {k: str(wildcards[k]) for k in spec.wildcards}
         outputs = self.outputs(stage, w)
-        temporary = frozenset(path for name, path in outputs.items() if self.is_temporary(stage, name))
+        temporary = frozenset(
+            path for name, path in outputs.items() if self.is_temporary(stage, name)
+        )
         return Step(stage, tuple(w.items()), self.inputs(stage, w), outputs, temporary)
 
     # ------------------------------------------------------------ the whole graph
@@ -243,12 +265,18 @@ class Plan:
 
     def steps(self, evaluate: bool = True, report: bool = True) -> list[Step]:
         """Every step of the run in an order that respects dependencies (variant by variant)."""
-        out = [self.step("prepare_model"), self.step("capture_calibration"), self.step("embed_calibration")]
+        out = [
+            self.step("prepare_model"),
+            self.step("capture_calibration"),
+            self.step("embed_calibration"),
+        ]
         for variant in self.variants:
             out.extend(self.variant_steps(variant))
         if evaluate and self.cfg.evaluation is not None:
             for model in self.models:
-                out.extend(self.step("evaluate_perplexity", model=model, metric=m) for m in self.metrics)
+                out.extend(
+                    self.step("evaluate_perplexity", model=model, metric=m) for m in self.metrics
+                )
                 if self.cfg.evaluation.zero_shot is not None:
                     out.append(self.step("evaluate_zero_shot", model=model))
         if report:
@@ -315,7 +343,8 @@ def remove_consumed_intermediates(steps: list[Step]) -> list[Path]:
     def is_settled(step: Step) -> bool:
         if step.key not in settled:
             settled[step.key] = all(
-                path.exists() or (path in temporary and all(is_settled(r) for r in readers.get(path, [])))
+                path.exists()
+                or (path in temporary and all(is_settled(r) for r in readers.get(path, [])))
                 for path in step.outputs.values()
             )
         return settled[step.key]
@@ -352,12 +381,21 @@ def execute(cfg: RunConfig, stage: str, wildcards: Mapping[str, str] | None = No
     elif stage == "embed_calibration":
         stages.embed_calibration(cfg, model, i["tokens"], o["inputs"])
     elif stage == "hessians":
-        stages.compute_hessians(cfg, model, w["variant"], int(w["layer"]), i["inputs"], o["hessians"])
+        stages.compute_hessians(
+            cfg, model, w["variant"], int(w["layer"]), i["inputs"], o["hessians"]
+        )
     elif stage == "order":
         stages.compute_order(cfg, model, w["variant"], int(w["layer"]), i["hessians"], o["order"])
     elif stage == "prune":
         stages.prune_layer(
-            cfg, model, w["variant"], int(w["layer"]), i.get("hessians"), i.get("order"), o["pruned"], o["stats"]
+            cfg,
+            model,
+            w["variant"],
+            int(w["layer"]),
+            i.get("hessians"),
+            i.get("order"),
+            o["pruned"],
+            o["stats"],
         )
     elif stage == "forward":
         layer = int(w["layer"]) - 1

@@ -67,7 +67,9 @@ _EVAL_JSON = 16 * 1024
 _REPORT = 1024 * 1024  # summary.csv/md and four plots
 _REPORT_PER_VARIANT = 64 * 1024
 _LOG = 8 * 1024  # one Snakemake job log (the runner writes none)
-_TOKENIZER_PER_TOKEN = 120  # tokenizer.json + vocab/merges per vocabulary entry, when not measurable
+_TOKENIZER_PER_TOKEN = (
+    120  # tokenizer.json + vocab/merges per vocabulary entry, when not measurable
+)
 # Rough rates for prepare_model (the estimator's 40 minutes assume a 70B download).
 _DOWNLOAD_RATE = 50e6
 _PREPARE_BASE = 10.0
@@ -127,7 +129,9 @@ class LayerShape:
     @property
     def active_parameters(self) -> int:
         """Weights one token goes through (a routed expert counts with its token share)."""
-        return int(sum(lin.numel * lin.tokens_fraction for lin in self.linears) + self.other_parameters)
+        return int(
+            sum(lin.numel * lin.tokens_fraction for lin in self.linears) + self.other_parameters
+        )
 
     def groups(self) -> dict[str, tuple[int, float]]:
         """Input group -> (in_features, token share): one Hessian each."""
@@ -171,7 +175,12 @@ class ModelShape:
     def parameters(self) -> int:
         """As the checkpoint stores them: a tied lm_head is not a tensor of its own."""
         head = 0 if self.tie_word_embeddings else self.embedding_parameters
-        return self.embedding_parameters + head + self.final_parameters + sum(x.parameters for x in self.layers)
+        return (
+            self.embedding_parameters
+            + head
+            + self.final_parameters
+            + sum(x.parameters for x in self.layers)
+        )
 
     def largest_layer(self, depth: int | None = None) -> LayerShape:
         return max(self.layers[: depth or None], key=lambda x: (x.parameters, x.hessian_elements))
@@ -308,7 +317,11 @@ def _safetensors_dtype(path: Path) -> str | None:
 def _side_bytes(path: Path) -> int:
     from rose.checkpoint import is_weight_file
 
-    return sum(_blocks(f.stat().st_size) for f in path.iterdir() if f.is_file() and not is_weight_file(f.name))
+    return sum(
+        _blocks(f.stat().st_size)
+        for f in path.iterdir()
+        if f.is_file() and not is_weight_file(f.name)
+    )
 
 
 def _auto_config(source: str | Path, cfg: RunConfig, **kwargs: Any) -> Any:
@@ -318,9 +331,13 @@ def _auto_config(source: str | Path, cfg: RunConfig, **kwargs: Any) -> Any:
     from rose.errors import first_line
 
     try:
-        return AutoConfig.from_pretrained(str(source), trust_remote_code=cfg.model.trust_remote_code, **kwargs)
+        return AutoConfig.from_pretrained(
+            str(source), trust_remote_code=cfg.model.trust_remote_code, **kwargs
+        )
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for these
-        raise ModelSourceError(f"model {source}: cannot read its config.json ({first_line(exc)})") from None
+        raise ModelSourceError(
+            f"model {source}: cannot read its config.json ({first_line(exc)})"
+        ) from None
 
 
 def read_source(cfg: RunConfig) -> ModelSource:
@@ -340,14 +357,24 @@ def read_source(cfg: RunConfig) -> ModelSource:
         path = Path(info.path)
         copied = path.resolve() == copy_dir.resolve()
         return ModelSource(
-            _auto_config(path, cfg), info.dtype, f"{path}/config.json (model.json)", "prepared",
-            copy_dir if copied else None, _side_bytes(path), info.parameters,
+            _auto_config(path, cfg),
+            info.dtype,
+            f"{path}/config.json (model.json)",
+            "prepared",
+            copy_dir if copied else None,
+            _side_bytes(path),
+            info.parameters,
         )
     source = cfg.model.source
     if source in ckpt.PACKAGED or source.endswith(".gguf"):
         if (copy_dir / "config.json").is_file():  # converted by an earlier, interrupted run
             return ModelSource(
-                _auto_config(copy_dir, cfg), "float32", f"{copy_dir}/config.json", "gguf", copy_dir, _side_bytes(copy_dir)
+                _auto_config(copy_dir, cfg),
+                "float32",
+                f"{copy_dir}/config.json",
+                "gguf",
+                copy_dir,
+                _side_bytes(copy_dir),
             )
         gguf = ckpt.packaged_gguf(source) if source in ckpt.PACKAGED else Path(source).expanduser()
         if not gguf.is_file():
@@ -363,17 +390,40 @@ def read_source(cfg: RunConfig) -> ModelSource:
         )
         dtype = _dtype_name(getattr(config, "dtype", None)) or _safetensors_dtype(path)
         return ModelSource(
-            config, dtype or "float32", f"{path}/config.json", "pickle" if pickle else "directory",
-            copy_dir if pickle else None, _side_bytes(path),
+            config,
+            dtype or "float32",
+            f"{path}/config.json",
+            "pickle" if pickle else "directory",
+            copy_dir if pickle else None,
+            _side_bytes(path),
         )
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise ckpt.ModelSourceError(f"model.source {source}: no such model directory, .gguf file or hub id")
+        raise ckpt.ModelSourceError(
+            f"model.source {source}: no such model directory, .gguf file or hub id"
+        )
     config = _auto_config(source, cfg, revision=cfg.model.revision)
-    return ModelSource(config, _dtype_name(getattr(config, "dtype", None)) or "float32", f"{source} (hub config.json)", "hub")
+    return ModelSource(
+        config,
+        _dtype_name(getattr(config, "dtype", None)) or "float32",
+        f"{source} (hub config.json)",
+        "hub",
+    )
 
 
 # GGUF value types (gguf spec): the size of each scalar, and the two variable-length kinds.
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
@@ -462,7 +512,9 @@ def gguf_config(path: Path) -> Any:
         if key("expert_feed_forward_length"):
             fields["moe_intermediate_size"] = int(key("expert_feed_forward_length"))
         if key("expert_shared_feed_forward_length"):
-            fields["shared_expert_intermediate_size"] = int(key("expert_shared_feed_forward_length"))
+            fields["shared_expert_intermediate_size"] = int(
+                key("expert_shared_feed_forward_length")
+            )
     model_type = GGUF_ARCHITECTURES[arch]
     if model_type == "llama" and fields.get("num_local_experts"):
         model_type = "mixtral"
@@ -478,7 +530,9 @@ class StageRow:
     jobs: int = 0
     to_run: int = 0
     writes: float = 0.0  # bytes written per job (mean)
-    host: float = 0.0  # bytes of host RAM per job: the interpreter + the stage's peak (rose.resources)
+    host: float = (
+        0.0  # bytes of host RAM per job: the interpreter + the stage's peak (rose.resources)
+    )
     gpu: float = 0.0  # bytes of GPU memory per job (allocated by torch; 0 on CPU)
     seconds: float = 0.0  # per job
 
@@ -574,9 +628,16 @@ def _model_info(cfg: RunConfig, source: ModelSource, shape: ModelShape, paramete
 
     depth = min(cfg.layers or shape.num_layers, shape.num_layers)
     values = {
-        "path": "", "source": cfg.model.source, "fingerprint": "", "model_type": shape.model_type,
-        "num_layers": shape.num_layers, "prune_layers": depth, "hidden_size": shape.hidden_size,
-        "max_positions": shape.max_positions, "dtype": source.dtype, "parameters": parameters,
+        "path": "",
+        "source": cfg.model.source,
+        "fingerprint": "",
+        "model_type": shape.model_type,
+        "num_layers": shape.num_layers,
+        "prune_layers": depth,
+        "hidden_size": shape.hidden_size,
+        "max_positions": shape.max_positions,
+        "dtype": source.dtype,
+        "parameters": parameters,
     }
     return ModelInfo(**{f.name: values.get(f.name) for f in dataclasses.fields(ModelInfo)})
 
@@ -584,13 +645,19 @@ def _model_info(cfg: RunConfig, source: ModelSource, shape: ModelShape, paramete
 class _Sizer:
     """Predicted bytes of every artifact a step writes (rounded to whole blocks)."""
 
-    def __init__(self, cfg: RunConfig, source: ModelSource, shape: ModelShape, parameters: int, storage: str):
+    def __init__(
+        self, cfg: RunConfig, source: ModelSource, shape: ModelShape, parameters: int, storage: str
+    ):
         self.cfg, self.shape = cfg, shape
         c = cfg.calibration
         self.dbytes = DTYPE_BYTES.get(source.dtype, 4)
         self.tokens = c.nsamples * c.seqlen
         self.inputs = _blocks(self.tokens * shape.hidden_size * DTYPE_BYTES[storage] + _H5_OVERHEAD)
-        side = source.side_bytes if source.side_bytes is not None else _blocks(shape.vocab_size * _TOKENIZER_PER_TOKEN)
+        side = (
+            source.side_bytes
+            if source.side_bytes is not None
+            else _blocks(shape.vocab_size * _TOKENIZER_PER_TOKEN)
+        )
         self.side = side + 2 * BLOCK
         self.model = _blocks(parameters * self.dbytes) + self.side
         depth = min(cfg.layers or shape.num_layers, shape.num_layers)
@@ -615,7 +682,9 @@ class _Sizer:
             total = _H5_OVERHEAD
             for lin in self.layer(w).linears:
                 blocks = math.ceil(lin.cols / cfgb)
-                total += 16 * lin.cols + 16 * blocks + 4 * min(64, lin.rows) * blocks + _ORDER_PER_LINEAR
+                total += (
+                    16 * lin.cols + 16 * blocks + 4 * min(64, lin.rows) * blocks + _ORDER_PER_LINEAR
+                )
             return _blocks(total)
         if name == "pruned":
             linears = self.layer(w).linears
@@ -655,7 +724,9 @@ def _tally(items: Iterable[tuple[str, float]]) -> dict[str, tuple[int, float]]:
     return parts
 
 
-def _gpu_bytes(stage: str, shape: ModelShape, layer: LayerShape, cfg: RunConfig, cbytes: int) -> float:
+def _gpu_bytes(
+    stage: str, shape: ModelShape, layer: LayerShape, cfg: RunConfig, cbytes: int
+) -> float:
     """torch-allocated GPU memory of one job (the CUDA context, ~0.5 GB, comes on top)."""
     c = cfg.calibration
     h = shape.hidden_size
@@ -731,11 +802,15 @@ def predict(
     temporary = {path for s in steps for path in s.temporary}
     readers = graph.consumers(steps)
     pending = {s.key for s in runs}
-    variant_of = {path: dict(s.wildcards).get("variant") for s in steps for path in s.outputs.values()}
+    variant_of = {
+        path: dict(s.wildcards).get("variant") for s in steps for path in s.outputs.values()
+    }
     shared = layout.inputs(DENSE, 0)
     variant_peak: dict[str, float] = {}
     variant_temp: dict[str, float] = {}
-    tracked: set[Path] = set()  # intermediates written in this walk, by variant (not the shared inputs)
+    tracked: set[Path] = (
+        set()
+    )  # intermediates written in this walk, by variant (not the shared inputs)
     total = existing
     best = (total, dict(present), "before the first step")
     dir_bytes = BLOCK * len(dirs)
@@ -746,7 +821,11 @@ def predict(
             category[copy_path] = "model copy"
         during = total + sum(writing.values())
         if during > best[0]:
-            best = (during, {**present, **{p: present.get(p, 0.0) + s for p, s in writing.items()}}, step.describe())
+            best = (
+                during,
+                {**present, **{p: present.get(p, 0.0) + s for p, s in writing.items()}},
+                step.describe(),
+            )
         for path, size in writing.items():
             variant = variant_of.get(path)
             if path in temporary and variant and path != shared:
@@ -759,7 +838,11 @@ def predict(
             present[path] = size
         pending.discard(step.key)
         for path in step.input_paths():
-            if path in temporary and path in present and not any(r.key in pending for r in readers.get(path, [])):
+            if (
+                path in temporary
+                and path in present
+                and not any(r.key in pending for r in readers.get(path, []))
+            ):
                 total -= present.pop(path)
                 if path in tracked:
                     variant = variant_of[path]
@@ -776,9 +859,9 @@ def predict(
     # Snakemake: everything kept at the end, the shared layer-0 inputs while any variant still
     # reads them, and every variant's largest set of intermediates at once; plus one log per job.
     logs = _LOG * len(runs)
-    shared_needed = any(
-        r.key in need for r in readers.get(shared, [])
-    ) and (shared in present or any(s.stage == "embed_calibration" for s in runs))
+    shared_needed = any(r.key in need for r in readers.get(shared, [])) and (
+        shared in present or any(s.stage == "embed_calibration" for s in runs)
+    )
     state = dict(present)
     extra = [("shared inputs", sizer.inputs)] if shared_needed and shared not in state else []
     transient = [(v, t) for v, t in variant_peak.items() if t > 0]
@@ -847,15 +930,26 @@ def predict(
                 f"{human(device_memory)}"
             )
     if shape.model_type not in _pipeline_families():
-        notes.append(f"{shape.model_type}: sized from its config, but rose does not prune this family yet")
+        notes.append(
+            f"{shape.model_type}: sized from its config, but rose does not prune this family yet"
+        )
     return Prediction(
-        cfg=cfg, source=source, shape=shape, device=kind, compute_dtype=compute, storage_dtype=storage,
-        rows=rows, existing=existing, runner=runner, final=final + dir_bytes,
+        cfg=cfg,
+        source=source,
+        shape=shape,
+        device=kind,
+        compute_dtype=compute,
+        storage_dtype=storage,
+        rows=rows,
+        existing=existing,
+        runner=runner,
+        final=final + dir_bytes,
         snakemake=snakemake if snakemake.total >= runner.total else runner,
         variants_with_inputs=sum(1 for v in cfg.variants if v.method in NEEDS_HESSIAN),
         layer_inputs=sizer.inputs,
         hessians=max(sizes[p] for s in steps if s.stage == "hessians" for p in s.outputs.values())
-        if any(s.stage == "hessians" for s in steps) else 0.0,
+        if any(s.stage == "hessians" for s in steps)
+        else 0.0,
         notes=notes,
     )
 
@@ -877,7 +971,9 @@ def _pipeline_families() -> set[str]:
     return set(FAMILIES)
 
 
-def _prepare_estimate(source: ModelSource, sizer: _Sizer, shape: ModelShape, parameters: int) -> tuple[float, float]:
+def _prepare_estimate(
+    source: ModelSource, sizer: _Sizer, shape: ModelShape, parameters: int
+) -> tuple[float, float]:
     """(host bytes, seconds) of prepare_model: checking a safetensors checkpoint reads headers
     only; a GGUF file is dequantised whole through transformers (float32 model, its quantised
     tensors and the state dict it saves); pickle shards are streamed; a hub model is downloaded."""
@@ -967,7 +1063,9 @@ _KEYS = {
 }
 
 
-def shortfall(pred: Prediction, driver: str, free: float | None = None, force_hint: str | None = None) -> str | None:
+def shortfall(
+    pred: Prediction, driver: str, free: float | None = None, force_hint: str | None = None
+) -> str | None:
     """The one-line refusal when the run's remaining peak does not fit in the free space, else None."""
     free = free_space(pred.cfg.run_dir) if free is None else free
     needed = pred.needed(driver)
@@ -978,7 +1076,9 @@ def shortfall(pred: Prediction, driver: str, free: float | None = None, force_hi
     shown = [(c, n, b) for c, (n, b) in ranked if b > 0][:4]
     parts = " + ".join(_describe(c, n, b, pred) for c, n, b in shown)
     who = "Snakemake, every variant at once" if driver == "snakemake" else "python -m rose run"
-    there = f"; {human(pred.existing)} of it already there" if pred.existing > 4 * BLOCK * 16 else ""
+    there = (
+        f"; {human(pred.existing)} of it already there" if pred.existing > 4 * BLOCK * 16 else ""
+    )
     keys: list[str] = []
     if pred.cfg.keep_intermediates:
         keys.append("keep_intermediates: false")
@@ -1016,22 +1116,49 @@ def format_report(pred: Prediction, driver: str | None = None, free: float | Non
         f"{', keep_intermediates: true' if cfg.keep_intermediates else ''}",
         "",
     ]
-    header = ("stage", "jobs", "to run", "writes/job", "host RAM/job", "GPU mem/job", "time/job", "time, to run")
+    header = (
+        "stage",
+        "jobs",
+        "to run",
+        "writes/job",
+        "host RAM/job",
+        "GPU mem/job",
+        "time/job",
+        "time, to run",
+    )
     table = [header]
     for row in pred.rows.values():
-        table.append((
-            row.stage, _count(row.jobs), _count(row.to_run), human(row.writes), human(row.host),
-            human(row.gpu) if row.gpu else "-", duration(row.seconds), duration(row.seconds * row.to_run),
-        ))
+        table.append(
+            (
+                row.stage,
+                _count(row.jobs),
+                _count(row.to_run),
+                human(row.writes),
+                human(row.host),
+                human(row.gpu) if row.gpu else "-",
+                duration(row.seconds),
+                duration(row.seconds * row.to_run),
+            )
+        )
     total_jobs = sum(r.jobs for r in pred.rows.values())
     to_run = sum(r.to_run for r in pred.rows.values())
-    table.append((
-        "run", _count(total_jobs), _count(to_run), "", f"max {human(pred.host_peak)}",
-        f"max {human(pred.gpu_peak)}" if pred.gpu_peak else "-", "", duration(pred.seconds),
-    ))
+    table.append(
+        (
+            "run",
+            _count(total_jobs),
+            _count(to_run),
+            "",
+            f"max {human(pred.host_peak)}",
+            f"max {human(pred.gpu_peak)}" if pred.gpu_peak else "-",
+            "",
+            duration(pred.seconds),
+        )
+    )
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for i, r in enumerate(table):
-        cells = [r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:], strict=True)]
+        cells = [r[0].ljust(widths[0])] + [
+            v.rjust(w) for v, w in zip(r[1:], widths[1:], strict=True)
+        ]
         lines.append("  ".join(cells).rstrip())
         if i == 0 or i == len(table) - 2:
             lines.append("  ".join("-" * w for w in widths))

@@ -51,7 +51,9 @@ def calibration_provenance(cfg: RunConfig, info: ModelInfo, kind: str) -> dict[s
     return _provenance(info, kind, config_hash=config_hash(cfg.calibration_provenance()))
 
 
-def layer_provenance(cfg: RunConfig, info: ModelInfo, kind: str, variant: Variant, layer: int) -> dict[str, Any]:
+def layer_provenance(
+    cfg: RunConfig, info: ModelInfo, kind: str, variant: Variant, layer: int
+) -> dict[str, Any]:
     """Artifacts of one layer of one variant (Hessians, order, pruned weights, next inputs)."""
     return _provenance(
         info,
@@ -62,7 +64,9 @@ def layer_provenance(cfg: RunConfig, info: ModelInfo, kind: str, variant: Varian
     )
 
 
-def layer_inputs_provenance(cfg: RunConfig, info: ModelInfo, variant: Variant, layer: int) -> dict[str, Any]:
+def layer_inputs_provenance(
+    cfg: RunConfig, info: ModelInfo, variant: Variant, layer: int
+) -> dict[str, Any]:
     """Layer 0's inputs are the shared embeddings; later layers' belong to one variant."""
     if layer == 0:
         return {**calibration_provenance(cfg, info, "layer-inputs"), "layer": 0}
@@ -71,7 +75,11 @@ def layer_inputs_provenance(cfg: RunConfig, info: ModelInfo, variant: Variant, l
 
 def run_identity(cfg: RunConfig) -> dict[str, Any]:
     """What every artifact of a run depends on: a run directory holds one of these."""
-    return {"model": cfg.raw["model"], "calibration": cfg.raw["calibration"], "prune": cfg.raw["prune"]}
+    return {
+        "model": cfg.raw["model"],
+        "calibration": cfg.raw["calibration"],
+        "prune": cfg.raw["prune"],
+    }
 
 
 def check_run(cfg: RunConfig, write: bool = True) -> None:

@@ -52,7 +52,9 @@ def _timed(cfg: RunConfig, step: graph.Step, result: RunResult, depth: int | Non
     stage = f"perplexity-{w['metric']}" if step.stage == "evaluate_perplexity" else step.stage
     stage = "zero_shot" if stage == "evaluate_zero_shot" else stage
     result.timings.append(
-        StageTiming(stage, w.get("variant") or w.get("model", ""), layer, time.perf_counter() - started)
+        StageTiming(
+            stage, w.get("variant") or w.get("model", ""), layer, time.perf_counter() - started
+        )
     )
 
 
@@ -84,7 +86,9 @@ def _run(cfg: RunConfig, evaluate: bool, report: bool, force: bool | None = None
     return result
 
 
-def run(cfg: RunConfig, evaluate: bool = True, report: bool = True, force: bool | None = None) -> RunResult:
+def run(
+    cfg: RunConfig, evaluate: bool = True, report: bool = True, force: bool | None = None
+) -> RunResult:
     """Everything the workflow does, in this process (one runner per run directory at a time).
 
     `force`: start even when the pre-flight predicts more disk than results_dir has free.

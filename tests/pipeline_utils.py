@@ -41,18 +41,26 @@ def write_config(path: Path, model_dir: Path, text_file: Path, results: Path, **
 def snakemake_cmd(configfile: Path, workdir: Path, *extra: str) -> list[str]:
     return [
         SNAKEMAKE,
-        "--snakefile", str(REPO / "Snakefile"),
-        "--directory", str(workdir),
-        "--configfile", str(configfile),
-        "--cores", "2",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(configfile),
+        "--cores",
+        "2",
         "--force-use-threads",
         "--rerun-incomplete",
         *extra,
     ]
 
 
-def run_snakemake(configfile: Path, workdir: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(snakemake_cmd(configfile, workdir, *extra), capture_output=True, text=True, timeout=600)
+def run_snakemake(
+    configfile: Path, workdir: Path, *extra: str, check: bool = True
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        snakemake_cmd(configfile, workdir, *extra), capture_output=True, text=True, timeout=600
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
@@ -77,7 +85,9 @@ def run_snakemake_api(configfile: Path, workdir: Path, targets: list[str] | None
             workdir=workdir,
         )
         dag = workflow.dag(DAGSettings(targets=targets or []))
-        dag.execute_workflow(executor="local", execution_settings=ExecutionSettings(use_threads=True))
+        dag.execute_workflow(
+            executor="local", execution_settings=ExecutionSettings(use_threads=True)
+        )
 
 
 def digest(path: Path) -> str:

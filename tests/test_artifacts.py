@@ -103,7 +103,13 @@ def _pruned() -> dict[str, torch.Tensor]:
     }
 
 
-PRUNED = {"kind": "pruned", "model_fingerprint": "abc", "variant": "rose-0.5", "layer": 1, "config_hash": "0123"}
+PRUNED = {
+    "kind": "pruned",
+    "model_fingerprint": "abc",
+    "variant": "rose-0.5",
+    "layer": 1,
+    "config_hash": "0123",
+}
 
 
 def test_pruned_layer_round_trip_with_deterministic_bytes(tmp_path):

@@ -19,7 +19,9 @@ from rose import runner
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("default_run", REPO / "benchmarks" / "default_run.py")
+    spec = importlib.util.spec_from_file_location(
+        "default_run", REPO / "benchmarks" / "default_run.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -29,12 +31,22 @@ def _script():
 def tiny_run(tmp_path_factory, tiny_llama_dir, tiny_text_file):
     tmp = tmp_path_factory.mktemp("default_run")
     path = write_config(
-        tmp / "c.yaml", tiny_llama_dir, tiny_text_file, tmp / "results",
-        methods=["rose", "magnitude"], sparsities=[0.5],
-        evaluation={"perplexity": [{
-            "name": "tail", "source": {"kind": "file", "path": str(tiny_text_file), "split": "tail"},
-            "seqlen": 32, "max_windows": 2,
-        }]},
+        tmp / "c.yaml",
+        tiny_llama_dir,
+        tiny_text_file,
+        tmp / "results",
+        methods=["rose", "magnitude"],
+        sparsities=[0.5],
+        evaluation={
+            "perplexity": [
+                {
+                    "name": "tail",
+                    "source": {"kind": "file", "path": str(tiny_text_file), "split": "tail"},
+                    "seqlen": 32,
+                    "max_windows": 2,
+                }
+            ]
+        },
     )
     cfg = rose_config.load(path)
     runner.run(cfg, evaluate=True, report=True)
@@ -52,7 +64,11 @@ def test_the_table_is_the_reports_summary_table(tiny_run, capsys):
     report_md = (run_dir / "report" / "summary.md").read_text()
     table = report_md.split("\n\n", 1)[1]  # below the "# Results: <run>" heading
     assert table.startswith("| variant | method | sparsity | ppl tail |")
-    assert [line.split(" | ")[0] for line in table.splitlines()[2:5]] == ["| dense", "| rose-0.5", "| magnitude-0.5"]
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:5]] == [
+        "| dense",
+        "| rose-0.5",
+        "| magnitude-0.5",
+    ]
     assert table in out
 
 
@@ -60,7 +76,11 @@ def test_from_existing_without_a_record_says_so_and_names_this_checkout(tiny_run
     config, _ = tiny_run
     out = _print(capsys, "--config", str(config), "--from-existing")
     version = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, check=True
+        ["git", "describe", "--always", "--dirty"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert out.startswith("The first command (wall time not recorded")
     assert f"at code version `{version} (of this checkout; the run's own was not recorded)`" in out
@@ -97,8 +117,12 @@ def test_an_unfinished_run_is_refused(tiny_run, tmp_path):
     config, _ = tiny_run
     cfg = rose_config.load(config)
     bigger = write_config(
-        tmp_path / "c.yaml", cfg.model.source, cfg.calibration.source.path, cfg.results_dir,
-        methods=["rose", "magnitude", "wanda"], sparsities=[0.5],
+        tmp_path / "c.yaml",
+        cfg.model.source,
+        cfg.calibration.source.path,
+        cfg.results_dir,
+        methods=["rose", "magnitude", "wanda"],
+        sparsities=[0.5],
     )
     with pytest.raises(SystemExit, match="no reassembled model for wanda-0.5"):
         _script().main(["--config", str(bigger), "--from-existing"])

@@ -25,8 +25,12 @@ VARIANT = "rose-0.5"
 
 
 def _effective_from_check(config: Path) -> dict:
-    out = subprocess.run([*ROSE_CLI, "check", "--config", str(config)], capture_output=True, text=True, check=True)
-    return yaml.safe_load("\n".join(line for line in out.stdout.splitlines() if not line.startswith("#")))
+    out = subprocess.run(
+        [*ROSE_CLI, "check", "--config", str(config)], capture_output=True, text=True, check=True
+    )
+    return yaml.safe_load(
+        "\n".join(line for line in out.stdout.splitlines() if not line.startswith("#"))
+    )
 
 
 def test_a_partial_config_means_the_same_to_both_drivers(tmp_path, tiny_llama_dir, tiny_text_file):
@@ -36,7 +40,11 @@ def test_a_partial_config_means_the_same_to_both_drivers(tmp_path, tiny_llama_di
         "run": "partial",
         "results_dir": str(tmp_path / "results"),
         "model": {"source": str(tiny_llama_dir)},
-        "calibration": {"source": {"kind": "file", "path": str(tiny_text_file)}, "nsamples": 2, "seqlen": 16},
+        "calibration": {
+            "source": {"kind": "file", "path": str(tiny_text_file)},
+            "nsamples": 2,
+            "seqlen": 16,
+        },
         "methods": ["magnitude"],
         "sparsities": [0.5],
         "device": "cpu",
@@ -46,34 +54,57 @@ def test_a_partial_config_means_the_same_to_both_drivers(tmp_path, tiny_llama_di
     from_check = _effective_from_check(config)
     model_json = tmp_path / "results" / "partial" / "model.json"
     # the default config/config.yaml is found next to the Snakefile, so a merge would show here
-    subprocess.run(snakemake_cmd(config, tmp_path, str(model_json)), check=True, capture_output=True)
-    from_snakemake = yaml.safe_load((tmp_path / "results" / "partial" / "config.effective.yaml").read_text())
+    subprocess.run(
+        snakemake_cmd(config, tmp_path, str(model_json)), check=True, capture_output=True
+    )
+    from_snakemake = yaml.safe_load(
+        (tmp_path / "results" / "partial" / "config.effective.yaml").read_text()
+    )
     assert from_snakemake == from_check
     assert from_check["evaluation"] is None
-    assert from_check["prune"] == {"blocksize": 128, "percdamp": 0.01, "threshold": 0.5, "reorder": "adaptive", "layers": None}
+    assert from_check["prune"] == {
+        "blocksize": 128,
+        "percdamp": 0.01,
+        "threshold": 0.5,
+        "reorder": "adaptive",
+        "layers": None,
+    }
     # and the in-process runner records the same
     runner.run(rose_config.load(config), evaluate=False, report=False)
-    assert yaml.safe_load((tmp_path / "results" / "partial" / "config.effective.yaml").read_text()) == from_check
+    assert (
+        yaml.safe_load((tmp_path / "results" / "partial" / "config.effective.yaml").read_text())
+        == from_check
+    )
 
 
-def test_empty_evaluation_turns_evaluation_off_for_both_drivers(tmp_path, tiny_llama_dir, tiny_text_file):
-    config = write_config(tmp_path / "c.yaml", tiny_llama_dir, tiny_text_file, tmp_path / "results", evaluation={})
+def test_empty_evaluation_turns_evaluation_off_for_both_drivers(
+    tmp_path, tiny_llama_dir, tiny_text_file
+):
+    config = write_config(
+        tmp_path / "c.yaml", tiny_llama_dir, tiny_text_file, tmp_path / "results", evaluation={}
+    )
     assert _effective_from_check(config)["evaluation"] is None
-    dry = subprocess.run(snakemake_cmd(config, tmp_path, "-n"), check=True, capture_output=True, text=True)
+    dry = subprocess.run(
+        snakemake_cmd(config, tmp_path, "-n"), check=True, capture_output=True, text=True
+    )
     assert "evaluate_" not in dry.stdout + dry.stderr
 
 
 @pytest.fixture(scope="module")
 def clean_digest(tmp_path_factory, tiny_llama_dir, tiny_text_file):
     tmp = tmp_path_factory.mktemp("clean")
-    cfg = write_config(tmp / "c.yaml", tiny_llama_dir, tiny_text_file, tmp / "results", methods=["rose"])
+    cfg = write_config(
+        tmp / "c.yaml", tiny_llama_dir, tiny_text_file, tmp / "results", methods=["rose"]
+    )
     runner.run(rose_config.load(cfg), evaluate=False, report=False)
     return weights_digest(tmp / "results" / "tiny", VARIANT)
 
 
 def _config(tmp_path, tiny_llama_dir, tiny_text_file) -> tuple[Path, Path]:
     results = tmp_path / "results"
-    return write_config(tmp_path / "c.yaml", tiny_llama_dir, tiny_text_file, results, methods=["rose"]), results / "tiny"
+    return write_config(
+        tmp_path / "c.yaml", tiny_llama_dir, tiny_text_file, results, methods=["rose"]
+    ), results / "tiny"
 
 
 def _assert_mid_run(run_dir: Path, killed: bool) -> None:
@@ -83,21 +114,33 @@ def _assert_mid_run(run_dir: Path, killed: bool) -> None:
     assert not (run_dir / VARIANT / "model").exists()
 
 
-def test_runner_finishes_what_a_killed_snakemake_started(tmp_path, tiny_llama_dir, tiny_text_file, clean_digest):
+def test_runner_finishes_what_a_killed_snakemake_started(
+    tmp_path, tiny_llama_dir, tiny_text_file, clean_digest
+):
     config, run_dir = _config(tmp_path, tiny_llama_dir, tiny_text_file)
     target = str(run_dir / VARIANT / "model")
     killed = kill_when(snakemake_cmd(config, tmp_path, target), lambda: pruned_count(run_dir) >= 1)
     _assert_mid_run(run_dir, killed)
-    subprocess.run([*ROSE_CLI, "run", "--config", str(config), "--no-eval", "-q"], check=True, capture_output=True)
+    subprocess.run(
+        [*ROSE_CLI, "run", "--config", str(config), "--no-eval", "-q"],
+        check=True,
+        capture_output=True,
+    )
     assert weights_digest(run_dir, VARIANT) == clean_digest
     assert not list(run_dir.rglob("inputs.h5")) and not list(run_dir.rglob("hessians.h5"))
 
 
-def test_snakemake_finishes_what_a_killed_runner_started(tmp_path, tiny_llama_dir, tiny_text_file, clean_digest):
+def test_snakemake_finishes_what_a_killed_runner_started(
+    tmp_path, tiny_llama_dir, tiny_text_file, clean_digest
+):
     config, run_dir = _config(tmp_path, tiny_llama_dir, tiny_text_file)
     cmd = [*ROSE_CLI, "run", "--config", str(config), "--no-eval", "-q"]
     killed = kill_when(cmd, lambda: pruned_count(run_dir) >= 1, cwd=REPO)
     _assert_mid_run(run_dir, killed)
-    subprocess.run(snakemake_cmd(config, tmp_path, str(run_dir / VARIANT / "model")), check=True, capture_output=True)
+    subprocess.run(
+        snakemake_cmd(config, tmp_path, str(run_dir / VARIANT / "model")),
+        check=True,
+        capture_output=True,
+    )
     assert weights_digest(run_dir, VARIANT) == clean_digest
     assert not list(run_dir.rglob("inputs.h5")) and not list(run_dir.rglob("hessians.h5"))

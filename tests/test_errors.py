@@ -36,7 +36,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("override,message", CASES)
-def test_bad_input_is_one_clear_line(capsys, tmp_path, tiny_llama_dir, tiny_text_file, override, message):
+def test_bad_input_is_one_clear_line(
+    capsys, tmp_path, tiny_llama_dir, tiny_text_file, override, message
+):
     cfg = write_config(tmp_path / "c.yaml", tiny_llama_dir, tiny_text_file, tmp_path / "results")
     code, errors = _run(capsys, cfg, override)
     assert code == 1
@@ -49,7 +51,9 @@ def test_unsupported_architecture(capsys, tmp_path, tiny_text_file):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model_dir = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256)).save_pretrained(model_dir)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256)).save_pretrained(
+        model_dir
+    )
     cfg = write_config(tmp_path / "c.yaml", model_dir, tiny_text_file, tmp_path / "results")
     code, errors = _run(capsys, cfg)
     assert code == 1 and "unsupported architecture 'gpt2'" in errors[0]
@@ -64,20 +68,38 @@ def test_model_config_mismatch(capsys, tmp_path, tiny_text_file):
     config = json.loads((model_dir / "config.json").read_text())
     config["intermediate_size"] = 400
     (model_dir / "config.json").write_text(json.dumps(config))
-    cfg = write_config(tmp_path / "c.yaml", model_dir, tiny_text_file, tmp_path / "results", methods=["magnitude"])
+    cfg = write_config(
+        tmp_path / "c.yaml", model_dir, tiny_text_file, tmp_path / "results", methods=["magnitude"]
+    )
     code, errors = _run(capsys, cfg)
-    assert code == 1 and "model/config mismatch: layer 0 mlp.gate_proj.weight has shape (328, 200)" in errors[0], errors
+    assert (
+        code == 1
+        and "model/config mismatch: layer 0 mlp.gate_proj.weight has shape (328, 200)" in errors[0]
+    ), errors
 
 
-def test_changed_config_on_an_existing_run_is_refused(capsys, tmp_path, tiny_llama_dir, tiny_text_file):
-    cfg = write_config(tmp_path / "c.yaml", tiny_llama_dir, tiny_text_file, tmp_path / "results", methods=["magnitude"])
+def test_changed_config_on_an_existing_run_is_refused(
+    capsys, tmp_path, tiny_llama_dir, tiny_text_file
+):
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_llama_dir,
+        tiny_text_file,
+        tmp_path / "results",
+        methods=["magnitude"],
+    )
     assert _run(capsys, cfg)[0] == 0
     code, errors = _run(capsys, cfg, "calibration.seed=7")
     assert code == 1 and "calibration.seed = 0" in errors[0] and "7" in errors[0]
 
 
 def test_snakemake_reports_bad_config_in_one_line(tmp_path, tiny_llama_dir, tiny_text_file):
-    cfg = write_config(tmp_path / "c.yaml", tiny_llama_dir, tiny_text_file, tmp_path / "results", sparsities=[1.5])
+    cfg = write_config(
+        tmp_path / "c.yaml", tiny_llama_dir, tiny_text_file, tmp_path / "results", sparsities=[1.5]
+    )
     result = subprocess.run(snakemake_cmd(cfg, tmp_path, "-n"), capture_output=True, text=True)
     assert result.returncode != 0
-    assert "config: sparsities.0 = 1.5: a sparsity is a fraction in [0, 1)" in result.stdout + result.stderr
+    assert (
+        "config: sparsities.0 = 1.5: a sparsity is a fraction in [0, 1)"
+        in result.stdout + result.stderr
+    )

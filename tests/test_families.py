@@ -290,14 +290,25 @@ def test_llama3_rope_scaling_and_long_context_are_built_from_the_config(tiny_mod
 
 
 def test_unsupported_model_type_is_one_line_listing_the_supported_ones():
-    from transformers import GPT2Config, MixtralConfig
+    from transformers import GPT2Config, OlmoeConfig
 
-    for config in (GPT2Config(), MixtralConfig()):
+    for config in (GPT2Config(), OlmoeConfig()):  # OLMoE: a mixture-of-experts family without a row
         with pytest.raises(ValueError) as info:
             family.family_for(config)
         message = str(info.value)
         assert "\n" not in message and f"unsupported architecture {config.model_type!r}" in message
-        for name in ("gemma2", "gemma3_text", "llama", "mistral", "phi3", "qwen2", "qwen3"):
+        for name in (
+            "gemma2",
+            "gemma3_text",
+            "llama",
+            "mistral",
+            "mixtral",
+            "phi3",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+        ):
             assert name in message
 
 

@@ -149,7 +149,9 @@ WHERE = {
     "swap-layer": "another layer's",
     "swap-run": "another calibration seed's",
 }
-BUGS: dict[tuple[str, str], tuple[str, type]] = {}  # (artifact, damage) -> (a known defect, how it shows)
+BUGS: dict[
+    tuple[str, str], tuple[str, type]
+] = {}  # (artifact, damage) -> (a known defect, how it shows)
 
 
 def _damage_cases() -> list[FaultCase]:

@@ -25,7 +25,8 @@ from rose import runner
 
 VARIANTS = ("rose-0.5", "magnitude-0.5")
 LINEAR_SUFFIXES = tuple(
-    f"{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    f"{n}.weight"
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 )
 # A ROSE/SparseGPT block prunes exactly floor(p * numel) weights; an OBS update can
 # also leave an unpruned weight at exactly 0 after rounding to 16 bits (it needs
@@ -44,7 +45,9 @@ def _tensors(model_dir) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module", params=["bfloat16", "float16"])
 def checkpoint(request, tmp_path_factory):
     dtype = getattr(torch, request.param)
-    path = make_tiny_model(tmp_path_factory.mktemp(f"tiny_{request.param}"), family="llama", dtype=dtype)
+    path = make_tiny_model(
+        tmp_path_factory.mktemp(f"tiny_{request.param}"), family="llama", dtype=dtype
+    )
     tensors = _tensors(path)
     assert tensors and {t.dtype for t in tensors.values()} == {dtype}  # really a 16-bit checkpoint
     return request.param, path, tensors
@@ -57,9 +60,13 @@ def half_run(request, checkpoint, tmp_path_factory, tiny_text_file):
     tmp = tmp_path_factory.mktemp(f"run_{name}_{request.param}")
     cfg = rose_config.load(
         write_config(
-            tmp / "c.yaml", path, tiny_text_file, tmp / "results",
+            tmp / "c.yaml",
+            path,
+            tiny_text_file,
+            tmp / "results",
             model={"source": str(path), "dtype": setting},
-            methods=["rose", "magnitude"], sparsities=[0.5],
+            methods=["rose", "magnitude"],
+            sparsities=[0.5],
         )
     )
     assert cfg.model.dtype == setting
@@ -94,8 +101,14 @@ def test_every_linear_is_half_sparse(half_run, variant):
             assert zeros == math.floor(0.5 * numel), name
             assert torch.equal(weight[weight != 0], dense[name][weight != 0]), name
         else:
-            assert math.floor(0.5 * numel) <= zeros <= (0.5 + EXTRA_ZEROS) * numel, (name, zeros, numel)
-            assert not torch.equal(weight, dense[name].masked_fill(weight == 0, 0)), name  # OBS updates
+            assert math.floor(0.5 * numel) <= zeros <= (0.5 + EXTRA_ZEROS) * numel, (
+                name,
+                zeros,
+                numel,
+            )
+            assert not torch.equal(weight, dense[name].masked_fill(weight == 0, 0)), (
+                name
+            )  # OBS updates
         zeros_total += zeros
         numel_total += numel
     manifest = json.loads((run_dir / variant / "model" / "pruning.json").read_text())

@@ -23,7 +23,11 @@ def test_layer_by_layer_forward_equals_the_full_model(tmp_path, name):
     hidden = family.embed(checkpoint.read(fam.embed_name), tokens, fam)
     for index in range(checkpoint.num_layers()):
         layer = family.build_layer(
-            checkpoint.config, index, checkpoint.read_prefix(fam.layer_prefix.format(index=index)), "cpu", torch.float32
+            checkpoint.config,
+            index,
+            checkpoint.read_prefix(fam.layer_prefix.format(index=index)),
+            "cpu",
+            torch.float32,
         )
         hidden = family.layer_forward(layer, checkpoint.config, hidden)
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -54,13 +58,22 @@ def test_checkpoint_reads_single_tensors_and_shards(tiny_llama_dir, tmp_path):
     names = checkpoint.names()
     assert "model.layers.2.mlp.down_proj.weight" in names and "lm_head.weight" not in names  # tied
     layer = checkpoint.read_prefix("model.layers.1.")
-    assert set(layer) >= {"self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"}
+    assert set(layer) >= {
+        "self_attn.q_proj.weight",
+        "mlp.down_proj.weight",
+        "input_layernorm.weight",
+    }
     assert all(not k.startswith("model.") for k in layer)
     # re-shard into tiny shards: same tensors through the index
     out = tmp_path / "sharded"
     out.mkdir()
     specs = checkpoint.specs()
-    files = ck.save_sharded(out, [specs[n] for n in names], ((n, checkpoint.read(n)) for n in names), shard_bytes=200_000)
+    files = ck.save_sharded(
+        out,
+        [specs[n] for n in names],
+        ((n, checkpoint.read(n)) for n in names),
+        shard_bytes=200_000,
+    )
     assert len(files) > 2 and (out / ck.INDEX).is_file()
     for item in ("config.json",):
         (out / item).write_bytes((tiny_llama_dir / item).read_bytes())
@@ -78,7 +91,9 @@ def test_missing_model_and_truncated_shard_are_clear_errors(tiny_llama_dir, tmp_
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_bytes((tiny_llama_dir / "config.json").read_bytes())
-    (broken / "model.safetensors").write_bytes((tiny_llama_dir / "model.safetensors").read_bytes()[:4])
+    (broken / "model.safetensors").write_bytes(
+        (tiny_llama_dir / "model.safetensors").read_bytes()[:4]
+    )
     with pytest.raises(ck.ModelSourceError, match="corrupt or truncated"):
         ck.prepare_model(str(broken), tmp_path / "out")
 
@@ -93,7 +108,10 @@ def test_pickle_checkpoints_need_opt_in_and_load_weights_only(tiny_llama_dir, tm
         ck.prepare_model(str(src), tmp_path / "converted")
     out = ck.prepare_model(str(src), tmp_path / "converted", allow_pickle=True)
     converted = ck.Checkpoint.open(out)
-    assert torch.equal(converted.read("model.layers.0.mlp.up_proj.weight"), model.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(
+        converted.read("model.layers.0.mlp.up_proj.weight"),
+        model.model.layers[0].mlp.up_proj.weight,
+    )
 
 
 def test_a_local_safetensors_dir_is_used_in_place(tiny_llama_dir, tmp_path):
@@ -144,7 +162,10 @@ def test_head_and_tail_are_disjoint_and_cover_the_documents(tmp_path):
 def test_json_documents_need_their_field(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps({"a": {"extract": "w1 w2"}, "b": {"extract": "w3"}}))
-    assert data.load_documents(data.TextSource("file", path=str(path), field="extract")) == ["w1 w2", "w3"]
+    assert data.load_documents(data.TextSource("file", path=str(path), field="extract")) == [
+        "w1 w2",
+        "w3",
+    ]
     with pytest.raises(data.DataError, match="no field 'text'"):
         data.load_documents(data.TextSource("file", path=str(path)))
 
@@ -157,7 +178,12 @@ def test_eval_windows_are_non_overlapping_and_capped(tmp_path):
     stream = torch.tensor(tokenizer(text.read_text())["input_ids"])
     assert windows.shape == (stream.numel() // 100, 100)
     assert torch.equal(windows.flatten(), stream[: windows.numel()])
-    assert data.eval_windows(tokenizer, data.TextSource("file", path=str(text)), 100, max_windows=3).shape[0] == 3
+    assert (
+        data.eval_windows(
+            tokenizer, data.TextSource("file", path=str(text)), 100, max_windows=3
+        ).shape[0]
+        == 3
+    )
 
 
 def test_packaged_wiki_text_splits(tmp_path):

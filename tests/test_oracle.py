@@ -47,8 +47,13 @@ def rose_run(request, tmp_path_factory, tiny_llama_dir, tiny_text_file):
     tmp = tmp_path_factory.mktemp("oracle")
     cfg = rose_config.load(
         write_config(
-            tmp / "c.yaml", tiny_llama_dir, tiny_text_file, tmp / "results",
-            methods=["rose"], sparsities=[0.5], keep_intermediates=True,
+            tmp / "c.yaml",
+            tiny_llama_dir,
+            tiny_text_file,
+            tmp / "results",
+            methods=["rose"],
+            sparsities=[0.5],
+            keep_intermediates=True,
             prune={"reorder": request.param},
         )
     )
@@ -79,7 +84,8 @@ def test_the_reassembled_model_is_pruned(rose_run, tiny_llama_dir):
     num_layers = model.config.num_hidden_layers
     names = [
         f"model.layers.{i}.{'self_attn' if n.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{n}.weight"
-        for i in range(num_layers) for n in LINEARS
+        for i in range(num_layers)
+        for n in LINEARS
     ]
     for name in names:
         assert not torch.equal(pruned[name], dense[name]), name
@@ -104,7 +110,10 @@ def test_every_stored_layer_input_is_the_pruned_models_hidden_state(rose_run):
         assert stored.dtype == torch.float32 and stored.shape == expected.shape
         scale = float(expected.abs().max())
         torch.testing.assert_close(
-            stored, expected, rtol=REL_ATOL, atol=REL_ATOL * scale,
+            stored,
+            expected,
+            rtol=REL_ATOL,
+            atol=REL_ATOL * scale,
             msg=lambda m, layer=layer: f"inputs of layer {layer}: {m}",
         )
         compared += 1

@@ -35,8 +35,12 @@ def workflow_run(tmp_path_factory, tiny_llama_dir, tiny_text_file):
     """One Snakemake run (Python API) of every method at 50% and 2:4."""
     tmp = tmp_path_factory.mktemp("workflow")
     cfg = write_config(
-        tmp / "config.yaml", tiny_llama_dir, tiny_text_file, tmp / "results",
-        methods=METHODS, sparsities=SPARSITIES,
+        tmp / "config.yaml",
+        tiny_llama_dir,
+        tiny_text_file,
+        tmp / "results",
+        methods=METHODS,
+        sparsities=SPARSITIES,
     )
     targets = [str(tmp / "results" / "tiny" / v / "model") for v in VARIANTS]
     run_snakemake_api(cfg, tmp, targets)
@@ -48,14 +52,18 @@ def test_workflow_equals_in_process_runner(workflow_run, tmp_path):
     cfg = rose_config.load(cfg_path, {"results_dir": str(tmp_path)})
     runner.run(cfg, evaluate=False, report=False)
     for variant in VARIANTS:
-        assert weights_digest(run_dir, variant) == weights_digest(tmp_path / "tiny", variant), variant
+        assert weights_digest(run_dir, variant) == weights_digest(tmp_path / "tiny", variant), (
+            variant
+        )
 
 
 def test_intermediates_are_removed_by_default(workflow_run):
     run_dir, _ = workflow_run
     assert not list(run_dir.rglob("hessians.h5"))
     assert not list(run_dir.rglob("inputs.h5"))
-    assert len(list(run_dir.rglob("order.h5"))) == 3 * 4  # rose and sparsegpt keep their diagnostics
+    assert (
+        len(list(run_dir.rglob("order.h5"))) == 3 * 4
+    )  # rose and sparsegpt keep their diagnostics
     assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]
 
 
@@ -93,7 +101,11 @@ def test_pruning_json_records_settings_and_per_linear_stats(workflow_run):
     run_dir, _ = workflow_run
     manifest = json.loads((run_dir / "rose-0.5" / "model" / "pruning.json").read_text())
     assert manifest["method"] == "rose" and manifest["sparsity"] == "0.5"
-    assert manifest["blocksize"] == 128 and manifest["percdamp"] == 0.01 and manifest["threshold"] == 0.5
+    assert (
+        manifest["blocksize"] == 128
+        and manifest["percdamp"] == 0.01
+        and manifest["threshold"] == 0.5
+    )
     assert manifest["calibration"]["nsamples"] == 6 and manifest["calibration"]["seqlen"] == 32
     assert {"torch", "transformers", "rose"} <= set(manifest["versions"])
     assert len(manifest["linears"]) == 21
@@ -108,7 +120,9 @@ def test_rose_equals_sparsegpt_where_no_layer_is_reordered(workflow_run):
     """ROSE differs from SparseGPT only in Linears it reorders."""
     run_dir, _ = workflow_run
     for layer in range(3):
-        stats = json.loads((run_dir / "rose-0.5" / f"layer_{layer}" / "stats.json").read_text())["linears"]
+        stats = json.loads((run_dir / "rose-0.5" / f"layer_{layer}" / "stats.json").read_text())[
+            "linears"
+        ]
         rose_w = load_file(run_dir / "rose-0.5" / f"layer_{layer}" / "pruned.safetensors")
         sgpt_w = load_file(run_dir / "sparsegpt-0.5" / f"layer_{layer}" / "pruned.safetensors")
         if layer == 0:  # same inputs, so untouched Linears must match bit for bit
@@ -118,17 +132,25 @@ def test_rose_equals_sparsegpt_where_no_layer_is_reordered(workflow_run):
 
 
 @pytest.mark.parametrize("kill_after", [0, 2, 4])
-def test_kill_and_resume_gives_identical_weights(workflow_run, tmp_path, tiny_llama_dir, tiny_text_file, kill_after):
+def test_kill_and_resume_gives_identical_weights(
+    workflow_run, tmp_path, tiny_llama_dir, tiny_text_file, kill_after
+):
     """SIGKILL the controller after `kill_after` pruned layers, rerun: same bytes as a clean run."""
     clean_dir, _ = workflow_run
     results = tmp_path / "results"
     cfg = write_config(
-        tmp_path / "config.yaml", tiny_llama_dir, tiny_text_file, results,
-        methods=["rose", "sparsegpt"], sparsities=[0.5],
+        tmp_path / "config.yaml",
+        tiny_llama_dir,
+        tiny_text_file,
+        results,
+        methods=["rose", "sparsegpt"],
+        sparsities=[0.5],
     )
     targets = [str(results / "tiny" / v / "model") for v in ("rose-0.5", "sparsegpt-0.5")]
-    ready = (lambda: (results / "tiny" / "calib" / "tokens.h5").exists()) if kill_after == 0 else (
-        lambda: pruned_count(results) >= kill_after
+    ready = (
+        (lambda: (results / "tiny" / "calib" / "tokens.h5").exists())
+        if kill_after == 0
+        else (lambda: pruned_count(results) >= kill_after)
     )
     killed = kill_when(snakemake_cmd(cfg, tmp_path, *targets), ready)
     # the kill landed mid-run: the controller was still working, and not every layer was pruned
@@ -141,11 +163,20 @@ def test_kill_and_resume_gives_identical_weights(workflow_run, tmp_path, tiny_ll
         assert weights_digest(results / "tiny", variant) == weights_digest(clean_dir, variant)
 
 
-def test_resume_after_intermediates_were_removed(workflow_run, tmp_path, tiny_llama_dir, tiny_text_file):
+def test_resume_after_intermediates_were_removed(
+    workflow_run, tmp_path, tiny_llama_dir, tiny_text_file
+):
     """Losing a finished layer's outputs regenerates the removed inputs behind it, bit-identically."""
     clean_dir, _ = workflow_run
     results = tmp_path / "results"
-    cfg = write_config(tmp_path / "config.yaml", tiny_llama_dir, tiny_text_file, results, methods=["rose"], sparsities=[0.5])
+    cfg = write_config(
+        tmp_path / "config.yaml",
+        tiny_llama_dir,
+        tiny_text_file,
+        results,
+        methods=["rose"],
+        sparsities=[0.5],
+    )
     target = str(results / "tiny" / "rose-0.5" / "model")
     run_snakemake(cfg, tmp_path, target)
     import shutil
@@ -157,11 +188,29 @@ def test_resume_after_intermediates_were_removed(workflow_run, tmp_path, tiny_ll
     assert weights_digest(results / "tiny", "rose-0.5") == weights_digest(clean_dir, "rose-0.5")
 
 
-def test_in_process_runner_resumes_after_kill(workflow_run, tmp_path, tiny_llama_dir, tiny_text_file):
+def test_in_process_runner_resumes_after_kill(
+    workflow_run, tmp_path, tiny_llama_dir, tiny_text_file
+):
     clean_dir, _ = workflow_run
     results = tmp_path / "results"
-    cfg = write_config(tmp_path / "config.yaml", tiny_llama_dir, tiny_text_file, results, methods=["rose"], sparsities=[0.5])
-    cmd = [str(Path(os.sys.executable)), "-m", "rose", "run", "--config", str(cfg), "--no-eval", "-q"]
+    cfg = write_config(
+        tmp_path / "config.yaml",
+        tiny_llama_dir,
+        tiny_text_file,
+        results,
+        methods=["rose"],
+        sparsities=[0.5],
+    )
+    cmd = [
+        str(Path(os.sys.executable)),
+        "-m",
+        "rose",
+        "run",
+        "--config",
+        str(cfg),
+        "--no-eval",
+        "-q",
+    ]
     killed = kill_when(cmd, lambda: pruned_count(results) >= 2, cwd=REPO)
     assert killed and 2 <= pruned_count(results) < 3  # interrupted mid-run
     assert not (results / "tiny" / "rose-0.5" / "model").exists()
@@ -174,9 +223,16 @@ def test_report_rule_and_snakemake_report(tmp_path, tiny_llama_dir, tiny_text_fi
     results = tmp_path / "results"
     text = {"kind": "file", "path": str(tiny_text_file), "split": "tail"}
     cfg = write_config(
-        tmp_path / "config.yaml", tiny_llama_dir, tiny_text_file, results,
-        methods=["rose", "magnitude"], sparsities=[0.5, 0.6],
-        evaluation={"batch_size": 2, "perplexity": [{"name": "tail", "source": text, "seqlen": 32, "max_windows": 4}]},
+        tmp_path / "config.yaml",
+        tiny_llama_dir,
+        tiny_text_file,
+        results,
+        methods=["rose", "magnitude"],
+        sparsities=[0.5, 0.6],
+        evaluation={
+            "batch_size": 2,
+            "perplexity": [{"name": "tail", "source": text, "seqlen": 32, "max_windows": 4}],
+        },
     )
     out = run_snakemake(cfg, tmp_path)
     summary = (results / "tiny" / "report" / "summary.csv").read_text()
@@ -184,6 +240,11 @@ def test_report_rule_and_snakemake_report(tmp_path, tiny_llama_dir, tiny_text_fi
         assert model in summary
     assert "| rose-0.5 |" in out.stdout  # printed at the end of the run
     plots = sorted(p.name for p in (results / "tiny" / "report" / "plots").glob("*.png"))
-    assert plots == ["block_loss_heatmap.png", "perplexity_vs_sparsity.png", "reconstruction_error.png", "relative_range.png"]
+    assert plots == [
+        "block_loss_heatmap.png",
+        "perplexity_vs_sparsity.png",
+        "reconstruction_error.png",
+        "relative_range.png",
+    ]
     run_snakemake(cfg, tmp_path, "--report", str(tmp_path / "report.zip"))
     assert (tmp_path / "report.zip").stat().st_size > 10_000

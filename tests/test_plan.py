@@ -34,8 +34,16 @@ def _cfg(tmp_path: Path, **extra):
 
 def _info(depth: int = DEPTH) -> ModelInfo:
     return ModelInfo(
-        path="/m", source="unused", fingerprint="f", model_type="llama", num_layers=depth,
-        prune_layers=depth, hidden_size=8, max_positions=None, dtype="float32", parameters=1,
+        path="/m",
+        source="unused",
+        fingerprint="f",
+        model_type="llama",
+        num_layers=depth,
+        prune_layers=depth,
+        hidden_size=8,
+        max_positions=None,
+        dtype="float32",
+        parameters=1,
     )
 
 
@@ -49,10 +57,17 @@ def test_step_counts_per_stage(tmp_path):
     counts = Counter(s.stage for s in plan.steps())
     # rose: hessians+order+prune per layer, forward for layers 1..3; wanda: no order; magnitude: prune only
     assert counts == {
-        "prepare_model": 1, "capture_calibration": 1, "embed_calibration": 1,
-        "hessians": 2 * 2 * DEPTH, "order": 2 * DEPTH, "prune": 3 * 2 * DEPTH,
-        "forward": 2 * 2 * (DEPTH - 1), "assemble": 6,
-        "evaluate_perplexity": 7, "evaluate_zero_shot": 7, "report": 1,
+        "prepare_model": 1,
+        "capture_calibration": 1,
+        "embed_calibration": 1,
+        "hessians": 2 * 2 * DEPTH,
+        "order": 2 * DEPTH,
+        "prune": 3 * 2 * DEPTH,
+        "forward": 2 * 2 * (DEPTH - 1),
+        "assemble": 6,
+        "evaluate_perplexity": 7,
+        "evaluate_zero_shot": 7,
+        "report": 1,
     }
 
 
@@ -81,15 +96,28 @@ def test_snakemake_patterns_are_the_concrete_paths(tmp_path):
 def test_layer0_inputs_are_shared_and_later_inputs_are_per_variant(tmp_path):
     plan = graph.Plan(_cfg(tmp_path), _info())
     L = RunLayout(plan.cfg.run_dir)
-    assert plan.inputs("hessians", {"variant": "rose-0.5", "layer": "0"})["inputs"] == L.run_dir / "calib" / "inputs.h5"
-    assert plan.inputs("hessians", {"variant": "wanda-0.5", "layer": "0"})["inputs"] == L.run_dir / "calib" / "inputs.h5"
+    assert (
+        plan.inputs("hessians", {"variant": "rose-0.5", "layer": "0"})["inputs"]
+        == L.run_dir / "calib" / "inputs.h5"
+    )
+    assert (
+        plan.inputs("hessians", {"variant": "wanda-0.5", "layer": "0"})["inputs"]
+        == L.run_dir / "calib" / "inputs.h5"
+    )
     forward = plan.step("forward", variant="rose-0.5", layer=2)
     assert forward.inputs["inputs"] == L.layer_dir("rose-0.5", 1) / "inputs.h5"
     assert forward.inputs["pruned"] == L.pruned("rose-0.5", 1)
     assert forward.outputs["inputs"] == L.layer_dir("rose-0.5", 2) / "inputs.h5"
     assert set(plan.inputs("prune", {"variant": "magnitude-0.5", "layer": "1"})) == {"model"}
-    assert set(plan.inputs("prune", {"variant": "wanda-0.5", "layer": "1"})) == {"model", "hessians"}
-    assert set(plan.inputs("prune", {"variant": "rose-0.5", "layer": "1"})) == {"model", "hessians", "order"}
+    assert set(plan.inputs("prune", {"variant": "wanda-0.5", "layer": "1"})) == {
+        "model",
+        "hessians",
+    }
+    assert set(plan.inputs("prune", {"variant": "rose-0.5", "layer": "1"})) == {
+        "model",
+        "hessians",
+        "order",
+    }
     assert "model_dir" not in plan.inputs("evaluate_perplexity", {"model": "dense", "metric": "a"})
 
 
@@ -116,9 +144,15 @@ def test_resume_walks_back_only_to_the_last_inputs_on_disk(tmp_path):
     steps = plan.steps(report=False)
     need = graph.needed_steps(steps, plan.targets(report=False))
     ran = sorted(graph.Step(*key, {}, {}, frozenset()).describe() for key in need)
-    expected = {"assemble variant=rose-0.5", "forward variant=rose-0.5 layer=5", "forward variant=rose-0.5 layer=6",
-                "forward variant=rose-0.5 layer=7"}
-    expected |= {f"{s} variant=rose-0.5 layer={i}" for s in ("hessians", "order", "prune") for i in (6, 7)}
+    expected = {
+        "assemble variant=rose-0.5",
+        "forward variant=rose-0.5 layer=5",
+        "forward variant=rose-0.5 layer=6",
+        "forward variant=rose-0.5 layer=7",
+    }
+    expected |= {
+        f"{s} variant=rose-0.5 layer={i}" for s in ("hessians", "order", "prune") for i in (6, 7)
+    }
     assert set(ran) == expected
     assert not any(("layer=4" in r or "embed" in r or "capture" in r) for r in ran)
 
@@ -147,11 +181,15 @@ def test_consumed_intermediates_are_removed_only_when_every_reader_is_complete(t
     assert removed == [L.hessians("rose-0.5", 1)]  # inputs 1 still feed forward 2 (not done)
     assert L.inputs("rose-0.5", 1).exists()
     _touch(L.inputs("rose-0.5", 2))
-    assert graph.remove_consumed_intermediates(plan.steps(report=False)) == [L.inputs("rose-0.5", 1)]
+    assert graph.remove_consumed_intermediates(plan.steps(report=False)) == [
+        L.inputs("rose-0.5", 1)
+    ]
 
 
 def test_depth_dependent_steps_need_model_json(tmp_path):
     plan = graph.Plan(_cfg(tmp_path))
-    assert plan.inputs("hessians", {"variant": "rose-0.5", "layer": "3"})["inputs"].name == "inputs.h5"
+    assert (
+        plan.inputs("hessians", {"variant": "rose-0.5", "layer": "3"})["inputs"].name == "inputs.h5"
+    )
     with pytest.raises(RuntimeError, match="prepare_model"):
         plan.steps()

@@ -36,7 +36,9 @@ ERROR_RTOL = 1e-4
 
 
 @pytest.mark.parametrize("spec", ["0.5", "2:4"])
-@pytest.mark.parametrize("method, reorder", [("rose", "always"), ("rose", "adaptive"), ("sparsegpt", "never")])
+@pytest.mark.parametrize(
+    "method, reorder", [("rose", "always"), ("rose", "adaptive"), ("sparsegpt", "never")]
+)
 @settings(max_examples=4, deadline=None)
 @given(
     rows=st.integers(2, 9),
@@ -67,4 +69,11 @@ def test_float32_sweep_matches_the_float64_reference(method, reorder, spec, rows
     err_fast = reconstruction_error(W, fast.weight, H)
     err_ref = reconstruction_error(W, ref_weight, H)
     assert err_ref > 0
-    assert err_fast == pytest.approx(err_ref, rel=ERROR_RTOL), (err_fast, err_ref, rows, cols, spec, seed)
+    assert err_fast == pytest.approx(err_ref, rel=ERROR_RTOL), (
+        err_fast,
+        err_ref,
+        rows,
+        cols,
+        spec,
+        seed,
+    )

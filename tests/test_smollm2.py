@@ -29,13 +29,22 @@ def smollm2_run(tmp_path_factory):
             "run": "smollm2-small",
             "results_dir": str(results),
             "model": {"source": "pypi:smollm2"},
-            "calibration": {"source": {"kind": "wiki-offline", "split": "head"}, "nsamples": 8, "seqlen": 256},
+            "calibration": {
+                "source": {"kind": "wiki-offline", "split": "head"},
+                "nsamples": 8,
+                "seqlen": 256,
+            },
             "methods": ["rose", "sparsegpt", "magnitude"],
             "sparsities": [0.5],
             "device": "cpu",
             "evaluation": {
                 "perplexity": [
-                    {"name": "wiki-tail", "source": {"kind": "wiki-offline", "split": "tail"}, "seqlen": 256, "max_windows": 8}
+                    {
+                        "name": "wiki-tail",
+                        "source": {"kind": "wiki-offline", "split": "tail"},
+                        "seqlen": 256,
+                        "max_windows": 8,
+                    }
                 ]
             },
         }
@@ -118,12 +127,17 @@ def test_rose_reorders_and_equals_sparsegpt_where_it_does_not(smollm2_run):
             continue
         name = key + ".weight"
         same = _same_bits(rose_w[name], sparsegpt_w[name])
-        assert same != (key in reordered), (key, "reordered" if key in reordered else "not reordered")
+        assert same != (key in reordered), (
+            key,
+            "reordered" if key in reordered else "not reordered",
+        )
         (equal if same else different).append(key)
     assert equal, f"every Linear of layers 0..{first} is reordered: nothing to compare"
     assert set(different) == {k for k in reordered if rose["linears"][k]["layer"] == first}
-    if first + 1 in layers:  # downstream of a reordered Linear the inputs, hence the weights, differ
+    if (
+        first + 1 in layers
+    ):  # downstream of a reordered Linear the inputs, hence the weights, differ
         after = [k for k, e in rose["linears"].items() if e["layer"] == first + 1]
-        assert any(not _same_bits(rose_w[k + ".weight"], sparsegpt_w[k + ".weight"]) for k in after), (
-            f"layer {first + 1} is downstream of a reordered Linear but equals SparseGPT bit for bit"
-        )
+        assert any(
+            not _same_bits(rose_w[k + ".weight"], sparsegpt_w[k + ".weight"]) for k in after
+        ), f"layer {first + 1} is downstream of a reordered Linear but equals SparseGPT bit for bit"

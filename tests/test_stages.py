@@ -19,8 +19,15 @@ def wanda_zero(tmp_path_factory, tiny_llama_dir, tiny_text_file):
     """Wanda at sparsity 0 prunes nothing, so every stage must reproduce the dense model."""
     tmp = tmp_path_factory.mktemp("stages")
     cfg = rose_config.load(
-        write_config(tmp / "c.yaml", tiny_llama_dir, tiny_text_file, tmp / "results",
-                     methods=["wanda", "rose"], sparsities=[0.0], keep_intermediates=True)
+        write_config(
+            tmp / "c.yaml",
+            tiny_llama_dir,
+            tiny_text_file,
+            tmp / "results",
+            methods=["wanda", "rose"],
+            sparsities=[0.0],
+            keep_intermediates=True,
+        )
     )
     from rose import runner
 
@@ -63,7 +70,9 @@ def test_hessians_are_two_over_n_sum_xtx_of_each_input_group(wanda_zero, tiny_ll
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     seen: dict[str, list[torch.Tensor]] = {}
     hooks = [
-        model.model.layers[1].get_submodule(name).register_forward_pre_hook(
+        model.model.layers[1]
+        .get_submodule(name)
+        .register_forward_pre_hook(
             lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].detach())
         )
         for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")

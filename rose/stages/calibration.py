@@ -38,7 +38,9 @@ def capture_calibration(cfg: RunConfig, model_json: str | Path, out_h5: str | Pa
     write_h5(out_h5, {TOKENS: tokens.to(torch.int32)}, attrs)
 
 
-def embed_calibration(cfg: RunConfig, model_json: str | Path, tokens_h5: str | Path, out_h5: str | Path) -> None:
+def embed_calibration(
+    cfg: RunConfig, model_json: str | Path, tokens_h5: str | Path, out_h5: str | Path
+) -> None:
     """Layer 0's inputs: the embedding outputs of the calibration tokens."""
     info = ModelInfo.load(model_json)
     device = resolve_device(cfg.device)

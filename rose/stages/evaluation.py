@@ -41,7 +41,9 @@ def evaluate_perplexity(
         raise ValueError(f"no perplexity evaluation named {metric_name!r} in the config")
     model_dir = _model_dir(cfg, info, model_name)
     if info.max_positions and spec.seqlen > info.max_positions:
-        raise ValueError(f"evaluation {metric_name}: seqlen {spec.seqlen} exceeds the model's context ({info.max_positions})")
+        raise ValueError(
+            f"evaluation {metric_name}: seqlen {spec.seqlen} exceeds the model's context ({info.max_positions})"
+        )
     tokenizer = data.tokenizer_for(Path(info.path), trust_remote_code=cfg.model.trust_remote_code)
     windows = data.eval_windows(tokenizer, spec.source, spec.seqlen, spec.max_windows)
     protocol = {
@@ -52,7 +54,12 @@ def evaluate_perplexity(
         "definition": "exp(mean token NLL) over non-overlapping windows",
     }
     result = evaluate.perplexity_report(
-        model_dir, metric_name, windows, cfg.evaluation.batch_size, resolve_device(cfg.device), protocol
+        model_dir,
+        metric_name,
+        windows,
+        cfg.evaluation.batch_size,
+        resolve_device(cfg.device),
+        protocol,
     )
     result["variant"] = model_name
     result["model_fingerprint"] = info.fingerprint
@@ -60,7 +67,9 @@ def evaluate_perplexity(
     return result
 
 
-def evaluate_zero_shot(cfg: RunConfig, model_json: str | Path, model_name: str, out_json: str | Path) -> dict[str, Any]:
+def evaluate_zero_shot(
+    cfg: RunConfig, model_json: str | Path, model_name: str, out_json: str | Path
+) -> dict[str, Any]:
     """lm-eval zero-shot accuracy of one model (acc_norm where the task has it)."""
     from rose import evaluate
 
@@ -68,7 +77,9 @@ def evaluate_zero_shot(cfg: RunConfig, model_json: str | Path, model_name: str, 
     if cfg.evaluation is None or cfg.evaluation.zero_shot is None:
         raise ValueError("zero-shot evaluation is off in this config")
     model_dir = _model_dir(cfg, info, model_name)
-    result = evaluate.zero_shot_report(model_dir, cfg.evaluation.zero_shot, resolve_device(cfg.device))
+    result = evaluate.zero_shot_report(
+        model_dir, cfg.evaluation.zero_shot, resolve_device(cfg.device)
+    )
     result["variant"] = model_name
     result["model_fingerprint"] = info.fingerprint
     atomic_write_json(out_json, result)
