@@ -29,6 +29,7 @@ include: "workflow/rules/calibration.smk"
 include: "workflow/rules/prune.smk"
 include: "workflow/rules/assemble.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/export.smk"
 include: "workflow/rules/report.smk"
 
 

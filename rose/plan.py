@@ -107,6 +107,14 @@ STAGES: dict[str, Stage] = {
             lambda L, w: {"result": L.zero_shot(w["model"])},
             gpu=True,
         ),
+        # A shippable copy of a variant (dense: hard links; compressed: compressed-tensors
+        # bitmasks) with its model card, made once the variant's evaluations exist.
+        Stage(
+            "export",
+            ("variant", "format"),
+            lambda L, w: {"export_dir": L.export_dir(w["variant"], w["format"])},
+            directories=frozenset({"export_dir"}),
+        ),
         Stage(
             "report",
             (),
@@ -159,6 +167,10 @@ class Plan:
     def models(self) -> list[str]:
         """Every evaluated model: dense first, then the variants."""
         return [DENSE, *self.variants]
+
+    @property
+    def formats(self) -> list[str]:
+        return list(self.cfg.export_formats)
 
     @property
     def metrics(self) -> list[str]:
@@ -224,9 +236,17 @@ class Plan:
                 wildcards["model"] != DENSE
             ):  # dense is the prepared checkpoint that model.json names
                 inputs["model_dir"] = L.model_dir(wildcards["model"])
+        elif stage == "export":
+            variant = wildcards["variant"]
+            inputs["model_dir"] = L.model_dir(variant)
+            # the model card quotes every evaluation of the variant and of dense
+            inputs["evals"] = [
+                p for p in self.evaluation_outputs() if p.parent.parent.name in (variant, DENSE)
+            ]
         elif stage == "report":
             inputs["models"] = [L.model_dir(v) for v in self.variants]
             inputs["evals"] = self.evaluation_outputs()
+            inputs["exports"] = self.export_outputs()
         return inputs
 
     def step(self, stage: str, **wildcards: str | int) -> Step:
@@ -248,6 +268,11 @@ class Plan:
         if evaluation.zero_shot is not None:
             out += [self.layout.zero_shot(m) for m in self.models]
         return out
+
+    def export_outputs(self) -> list[Path]:
+        return [
+            self.layout.export_dir(v, f) for v in self.variants for f in self.cfg.export_formats
+        ]
 
     def variant_steps(self, variant: str) -> Iterator[Step]:
         """A variant's layer chain, layer by layer, then its reassembly."""
@@ -279,6 +304,11 @@ class Plan:
                 )
                 if self.cfg.evaluation.zero_shot is not None:
                     out.append(self.step("evaluate_zero_shot", model=model))
+        if evaluate:  # exports carry the evaluations in their model cards
+            for variant in self.variants:
+                out.extend(
+                    self.step("export", variant=variant, format=f) for f in self.cfg.export_formats
+                )
         if report:
             out.append(self.step("report"))
         return out
@@ -287,7 +317,7 @@ class Plan:
         """What a finished run has: every reassembled model, the evaluations, the report."""
         out = [self.layout.model_dir(v) for v in self.variants]
         if evaluate:
-            out += self.evaluation_outputs()
+            out += self.evaluation_outputs() + self.export_outputs()
         if report:
             out.append(self.layout.report_dir / "summary.csv")
         return out
@@ -406,6 +436,10 @@ def execute(cfg: RunConfig, stage: str, wildcards: Mapping[str, str] | None = No
         stages.evaluate_perplexity(cfg, model, w["model"], w["metric"], o["result"])
     elif stage == "evaluate_zero_shot":
         stages.evaluate_zero_shot(cfg, model, w["model"], o["result"])
+    elif stage == "export":
+        from rose.export import export_model
+
+        export_model(cfg, model, w["variant"], w["format"], o["export_dir"])
     elif stage == "report":
         stages.build_report(cfg, plan.layout.run_dir, plan.layout.report_dir)
     else:

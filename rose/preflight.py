@@ -693,6 +693,8 @@ class _Sizer:
             return _blocks(_STATS_PER_LINEAR * len(self.layer(w).linears) + 1024)
         if name == "model_dir":
             return self.model + _blocks(_STATS_PER_LINEAR * self.linears + 4096) + BLOCK
+        if stage == "export":  # dense: hard links to model/; compressed: below the dense size
+            return self.side if w["format"] == "dense" else self.model
         if name == "result":
             return float(_EVAL_JSON)
         if name == "plots":
@@ -709,6 +711,7 @@ CATEGORIES = {
     ("order", "order"): "order files",
     ("prune", "pruned"): "pruned layers",
     ("assemble", "model_dir"): "reassembled models",
+    ("export", "export_dir"): "exports",
 }
 
 

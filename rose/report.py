@@ -54,6 +54,7 @@ class SummaryRow:
     reordered_linears: int | None = None
     total_linears: int | None = None
     prune_seconds: float | None = None
+    exports: dict[str, dict[str, Any]] = field(default_factory=dict)  # format -> export.json sizes
 
 
 # ---------------------------------------------------------------- reading
@@ -90,6 +91,9 @@ def load_row(run_dir: Path, variant: str, manifest: dict[str, Any] | None = None
         row.zero_shot_mean = zero_shot.get("mean")
         row.zero_shot_limit = zero_shot.get("limit")
         row.lm_eval_version = zero_shot.get("lm_eval_version")
+    for record_path in sorted((run_dir / variant / "export").glob("*/export.json")):
+        record = read_json(record_path)
+        row.exports[record.get("format", record_path.parent.name)] = record.get("sizes", {})
     if manifest:
         row.achieved_sparsity = manifest.get("achieved_sparsity")
         row.reordered_linears = manifest.get("reordered_linears")
@@ -113,6 +117,9 @@ def summary_table(rows: list[SummaryRow]) -> tuple[list[str], list[list[Any]]]:
     header = ["variant", "method", "sparsity"]
     header += [f"ppl_{n}" for n in ppl_names] + tasks + (["zero_shot_mean"] if has_mean else [])
     header += ["achieved_sparsity", "reordered_linears", "total_linears", "prune_seconds"]
+    formats = sorted({f for r in rows for f in r.exports})
+    for fmt in formats:  # weights on disk, and their ratio to the dense model's
+        header += [f"export_{fmt}_mib", f"export_{fmt}_ratio"]
     cells = []
     for r in rows:
         scores = {f"{task}_{s.metric}": s.value for task, s in r.zero_shot.items()}
@@ -120,6 +127,10 @@ def summary_table(rows: list[SummaryRow]) -> tuple[list[str], list[list[Any]]]:
         line += [r.perplexity.get(n) for n in ppl_names] + [scores.get(t) for t in tasks]
         line += [r.zero_shot_mean] if has_mean else []
         line += [r.achieved_sparsity, r.reordered_linears, r.total_linears, r.prune_seconds]
+        for fmt in formats:
+            sizes = r.exports.get(fmt, {})
+            size = sizes.get("weights_bytes")
+            line += [None if size is None else size / 2**20, sizes.get("ratio")]
         cells.append(line)
     return header, cells
 
@@ -143,8 +154,10 @@ def _fmt(column: str, value: Any) -> str:
         return str(value)
     if column.startswith("ppl_"):
         return f"{value:.2f}" if value < 1e5 else f"{value:.3g}"
-    if column == "prune_seconds":
+    if column == "prune_seconds" or column.endswith("_mib"):
         return f"{value:.1f}"
+    if column.endswith("_ratio"):
+        return f"{value:.3f}"
     return f"{value:.4f}"
 
 
@@ -173,6 +186,10 @@ def summary_markdown(rows: list[SummaryRow]) -> str:
         lines.append(values[:i] + [pair] + values[i + 2 :])
     display = {f"{t}_{s.metric}": f"{t} ({s.metric})" for r in rows for t, s in r.zero_shot.items()}
     display |= {c: f"ppl {c.removeprefix('ppl_')}" for c in md_header if c.startswith("ppl_")}
+    for c in md_header:
+        if c.startswith("export_"):
+            fmt, unit = c.removeprefix("export_").rsplit("_", 1)
+            display[c] = f"{fmt} MiB" if unit == "mib" else f"{fmt} / dense"
     names = [display.get(c) or _MD_NAMES.get(c, c) for c in md_header]
     text = "| " + " | ".join(names) + " |\n"
     text += "|" + "|".join("---" for _ in names) + "|\n"

@@ -54,6 +54,7 @@ DEFAULT_THREADS: Mapping[str, int] = MappingProxyType(
         "prune": 4,
         "forward": 4,
         "assemble": 4,
+        "export": 1,
         "evaluate_perplexity": 4,
         "evaluate_zero_shot": 4,
         "report": 1,
@@ -288,6 +289,7 @@ def stage_estimate(stage: str, cfg: Mapping[str, Any], size: Mapping[str, Any]) 
         "prune": 3 * weights32 + 2 * hess,
         "forward": 2 * weights32 + 2 * acts,
         "assemble": 4 * layer * dbytes + min(5 * 1024 * _MB, params * dbytes),  # + one shard
+        "export": 4 * layer * dbytes + 300 * _MB,  # one tensor at a time, a few copies of it
         "evaluate_perplexity": 1.2 * params * dbytes,
         "evaluate_zero_shot": 1.2 * params * dbytes,
         "report": 1024 * _MB,
@@ -301,6 +303,7 @@ def stage_estimate(stage: str, cfg: Mapping[str, Any], size: Mapping[str, Any]) 
         "prune": 2 * sweep_flops / _FLOPS[kind] + 2 * hess / _IO_RATE,
         "forward": fwd_flops / _FLOPS[kind] + 3 * acts / _IO_RATE,
         "assemble": 2 * params * dbytes / _IO_RATE,
+        "export": 2 * params * dbytes / _IO_RATE,
         "evaluate_perplexity": 2 * params * _eval_tokens(stage, cfg) / _EVAL_FLOPS[kind]
         + params * dbytes / _IO_RATE,
         "evaluate_zero_shot": 2 * params * _eval_tokens(stage, cfg) / _EVAL_FLOPS[kind]

@@ -67,6 +67,7 @@ def test_step_counts_per_stage(tmp_path):
         "assemble": 6,
         "evaluate_perplexity": 7,
         "evaluate_zero_shot": 7,
+        "export": 6,  # the default format, dense, per variant
         "report": 1,
     }
 
@@ -131,7 +132,7 @@ def test_temporaries_follow_keep_intermediates(tmp_path):
 def test_resume_walks_back_only_to_the_last_inputs_on_disk(tmp_path):
     """A run that died at layer 6 of 8: layers 0-5 pruned, inputs of layer 4 kept (5's removed
     by a kill between steps): only forward 5..6 and layer 6 onwards run, nothing of layers 0-4."""
-    cfg = _cfg(tmp_path, methods=["rose"], sparsities=[0.5], evaluation=None)
+    cfg = _cfg(tmp_path, methods=["rose"], sparsities=[0.5], evaluation=None, export=None)
     plan = graph.Plan(cfg, _info(8))
     L = plan.layout
     for path in (L.model_json, L.tokens):
@@ -158,7 +159,7 @@ def test_resume_walks_back_only_to_the_last_inputs_on_disk(tmp_path):
 
 
 def test_nothing_runs_on_a_finished_run_and_a_missing_target_with_no_producer_is_named(tmp_path):
-    cfg = _cfg(tmp_path, methods=["magnitude"], sparsities=[0.5], evaluation=None)
+    cfg = _cfg(tmp_path, methods=["magnitude"], sparsities=[0.5], evaluation=None, export=None)
     plan = graph.Plan(cfg, _info(2))
     _touch(plan.layout.model_dir("magnitude-0.5"))
     steps = plan.steps(report=False)
@@ -193,3 +194,22 @@ def test_depth_dependent_steps_need_model_json(tmp_path):
     )
     with pytest.raises(RuntimeError, match="prepare_model"):
         plan.steps()
+
+
+def test_exports_follow_their_variant_evaluations_and_feed_the_report(tmp_path):
+    cfg = _cfg(tmp_path, export={"formats": ["dense", "compressed"]})
+    plan = graph.Plan(cfg, _info())
+    L = plan.layout
+    step = plan.step("export", variant="wanda-2of4", format="compressed")
+    assert step.outputs == {"export_dir": L.export_dir("wanda-2of4", "compressed")}
+    assert step.inputs["model_dir"] == L.model_dir("wanda-2of4")
+    assert set(step.inputs["evals"]) == {L.perplexity(m, "a") for m in ("dense", "wanda-2of4")} | {
+        L.zero_shot(m) for m in ("dense", "wanda-2of4")
+    }
+    report = plan.step("report")
+    assert L.export_dir("rose-0.5", "dense") in report.inputs["exports"]
+    assert "export" not in {s.stage for s in plan.steps(evaluate=False)}
+    assert (
+        plan.log_path("export", {"variant": "rose-0.5", "format": "dense"}).name
+        == "export-dense.log"
+    )

@@ -135,6 +135,7 @@ def _paper(tmp_path: Path, source: Path | str, **extra):
         },
         **PAPER_SWEEP,
         "device": "cuda",
+        "export": None,  # the issue's 4,809 jobs are the pruning sweep's
     }
     raw.update(extra)
     return from_dict(raw)
@@ -430,13 +431,17 @@ def test_snakemake_refuses_in_onstart(tmp_path, monkeypatch, tiny_llama_dir, tin
 
 
 def _du(path: Path) -> int:
-    total = 0
+    """Blocks in use under `path`, a hard-linked file counted once (as du does)."""
+    total, seen = 0, set()
     for root, dirs, files in os.walk(path):
         for name in [*dirs, *files, None]:
             try:
                 st = os.lstat(os.path.join(root, name) if name else root)
             except OSError:
                 continue
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
             total += st.st_blocks * 512
     return total
 

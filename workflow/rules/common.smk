@@ -45,6 +45,7 @@ wildcard_constraints:
     variant=_alternatives(PLAN.variants),
     model=_alternatives(PLAN.models),
     metric=_alternatives(PLAN.metrics),
+    format=_alternatives(PLAN.formats),
     layer=r"\d+",
 
 
