@@ -3,6 +3,7 @@
     python benchmarks/bench_pipeline.py stages   [--config config/config.yaml] [--set k=v ...]
     python benchmarks/bench_pipeline.py overhead [--config config/config.yaml] [--set k=v ...]
     python benchmarks/bench_pipeline.py memory   [--hidden 1024 --intermediate 2816 --depths 4 16]
+    python benchmarks/bench_pipeline.py dag      [--layers 80]   # the paper sweep's DAG: dry run, resume
     python benchmarks/bench_pipeline.py stages --synthetic llama7b --layers 4 --set calibration.nsamples=128 ...
 
 Each prints a markdown table under a header naming the machine, device and versions.
@@ -349,12 +350,91 @@ def cmd_memory(args) -> None:
     print(table(rows, cols))
 
 
+def _touch_outputs(plan: graph.Plan, fraction: float) -> int:
+    """Mark the first `fraction` of every variant's layer chain as done (empty files): a resume."""
+    done = 0
+    for variant in plan.variants:
+        steps = [s for s in plan.variant_steps(variant) if s.stage != "assemble"]
+        for step in steps[: int(len(steps) * fraction)]:
+            for path in step.outputs.values():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+            done += 1
+    return done
+
+
+def cmd_dag(args) -> None:
+    """How long Snakemake takes before any work on the paper's sweep (20 variants) of a model
+    with the real layer count and tiny widths: a fresh dry run, and a resume halfway."""
+    from pipeline_utils import SNAKEMAKE, write_config
+    from tiny import make_tiny_model, tiny_text
+
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        model = make_tiny_model(
+            tmp / "model",
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=args.layers,
+            num_heads=4,
+        )
+        (tmp / "text.txt").write_text(tiny_text())
+        cfg_path = write_config(
+            tmp / "config.yaml",
+            model,
+            tmp / "text.txt",
+            tmp / "results",
+            methods=["rose", "sparsegpt", "wanda", "magnitude"],
+            sparsities=[0.5, 0.6, 0.7, 0.8, "2:4"],
+        )
+        cfg = rose_config.load(cfg_path)
+        base = [
+            SNAKEMAKE,
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(tmp),
+            "--configfile",
+            str(cfg_path),
+            "--cores",
+            "2",
+            "--quiet",
+            "rules",
+        ]
+        # prepare_model is a checkpoint: the DAG is known once model.json exists
+        subprocess.run(
+            [*base[:-2], str(RunLayout(cfg.run_dir).model_json)], check=True, capture_output=True
+        )
+        plan = graph.Plan(cfg, ModelInfo.load(RunLayout(cfg.run_dir).model_json))
+        jobs = len(plan.steps())
+        for label, fraction in (
+            ("fresh dry run", 0.0),
+            ("resume dry run, half the layers done", 0.5),
+        ):
+            done = _touch_outputs(plan, fraction) if fraction else 0
+            started = time.perf_counter()
+            out = subprocess.run([*base, "-n"], capture_output=True, text=True)
+            seconds = time.perf_counter() - started
+            if out.returncode != 0:
+                raise SystemExit(out.stderr[-2000:])
+            rows.append([label, str(args.layers), str(jobs), str(done), f"{seconds:.1f}"])
+    print("\n".join(header()))
+    print()
+    print(
+        table(
+            rows,
+            ["case", "layers", "jobs in the plan", "steps already done", "seconds to the job list"],
+        )
+    )
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_stage":
         _run_one_stage(sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["stages", "overhead", "memory"])
+    parser.add_argument("what", choices=["stages", "overhead", "memory", "dag"])
     parser.add_argument("--config", default=str(REPO / "config/config.yaml"))
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--synthetic", choices=sorted(SHAPES))
@@ -369,7 +449,13 @@ def main() -> None:
         "--workdir", default=None, help="where temporary runs go (default: system temp)"
     )
     args = parser.parse_args()
-    {"stages": cmd_stages, "overhead": cmd_overhead, "memory": cmd_memory}[args.what](args)
+    commands = {
+        "stages": cmd_stages,
+        "overhead": cmd_overhead,
+        "memory": cmd_memory,
+        "dag": cmd_dag,
+    }
+    commands[args.what](args)
 
 
 if __name__ == "__main__":
