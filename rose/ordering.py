@@ -37,6 +37,7 @@ class Ordering:
     columnar: bool
     reordered: bool
     threshold: float
+    loss_map: torch.Tensor | None = None  # (row group, block) sums; only when asked for
     inverse: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -132,8 +133,12 @@ def rose_order(
     blocksize: int = 128,
     threshold: float = 0.5,
     reorder: str = "adaptive",
+    with_loss_map: bool = False,
 ) -> Ordering:
-    """Decide the sweep order of one Linear (blocks of `blocksize`, or N:M groups)."""
+    """Decide the sweep order of one Linear (blocks of `blocksize`, or N:M groups).
+
+    `with_loss_map` also returns the (row group, block) heatmap from the same
+    would-be-pruned selection, which is the expensive part of the ordering."""
     if reorder not in REORDER_MODES:
         raise ValueError(f"reorder must be one of {REORDER_MODES}, got {reorder!r}")
     columns = weight.shape[1]
@@ -169,6 +174,7 @@ def rose_order(
         columnar=columnar,
         reordered=reordered,
         threshold=threshold,
+        loss_map=_grouped(loss, blocksize) if with_loss_map else None,
     )
 
 
@@ -196,7 +202,15 @@ def loss_map(
     row_groups: int = 64,
 ) -> torch.Tensor:
     """Would-be-pruned score summed over (row group, block) cells: the paper's motivation heatmap."""
-    loss = loss_matrix(scores(weight, torch.diagonal(hessian)), sparsity, blocksize).float().cpu()
+    return _grouped(
+        loss_matrix(scores(weight, torch.diagonal(hessian)), sparsity, blocksize),
+        blocksize,
+        row_groups,
+    )
+
+
+def _grouped(loss: torch.Tensor, blocksize: int, row_groups: int = 64) -> torch.Tensor:
+    loss = loss.float().cpu()
     rows = torch.tensor_split(torch.arange(loss.shape[0]), min(row_groups, loss.shape[0]))
     per_block = torch.stack(
         [loss[:, a:b].sum(dim=1) for a, b in block_bounds(loss.shape[1], blocksize)], dim=1

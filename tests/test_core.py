@@ -265,3 +265,18 @@ def test_not_positive_definite_hessian_gets_more_damping():
     H.diagonal().abs_()
     result = prune_weight("sparsegpt", W, H, 0.5, F64)
     assert result.damping_retries > 0 and result.damping > 0.01
+
+
+@pytest.mark.parametrize("spec", ["0.5", "2:4"])
+def test_the_order_and_the_heatmap_share_one_selection(spec):
+    """rose_order(with_loss_map=True) gives exactly the heatmap loss_map computes on its own."""
+    from rose.ordering import loss_map
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 200, generator=g)
+    x = torch.randn(400, 200, generator=g)
+    h = x.T @ x / 400
+    sparsity = Sparsity.parse(spec)
+    order = rose_order(w, h, sparsity, 128, 0.5, "adaptive", with_loss_map=True)
+    assert torch.equal(order.loss_map, loss_map(w, h, sparsity, 128))
+    assert rose_order(w, h, sparsity, 128, 0.5, "adaptive").loss_map is None
