@@ -56,7 +56,9 @@ class Checkpoint:
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except Exception as exc:  # transformers raises many types for unknown/broken configs
-            raise ModelSourceError(f"{path}/config.json: cannot be read ({first_line(exc)})") from None
+            raise ModelSourceError(
+                f"{path}/config.json: cannot be read ({first_line(exc)})"
+            ) from None
         return cls(path=path, weight_map=_weight_map(path), config=config)
 
     def names(self) -> list[str]:
@@ -67,7 +69,9 @@ class Checkpoint:
             try:
                 self._handles[shard] = safe_open(str(self.path / shard), framework="pt")
             except Exception as exc:
-                raise ModelSourceError(f"{self.path / shard}: corrupt safetensors shard ({first_line(exc)})") from None
+                raise ModelSourceError(
+                    f"{self.path / shard}: corrupt safetensors shard ({first_line(exc)})"
+                ) from None
         return self._handles[shard]
 
     def read(self, name: str) -> torch.Tensor:
@@ -80,7 +84,32 @@ class Checkpoint:
         except ModelSourceError:
             raise
         except Exception as exc:
-            raise ModelSourceError(f"{self.path / shard}: cannot read {name} ({first_line(exc)})") from None
+            raise ModelSourceError(
+                f"{self.path / shard}: cannot read {name} ({first_line(exc)})"
+            ) from None
+
+    def read_slice(
+        self, name: str, index: int, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """`tensor[index]` (or `tensor[index, rows[0]:rows[1]]`) of a stacked tensor, without
+        reading the rest: one expert's matrix out of transformers' fused expert parameters."""
+        try:
+            shard = self.weight_map[name]
+        except KeyError:
+            raise ModelSourceError(f"{self.path}: tensor {name} is not in the checkpoint") from None
+        try:
+            part = self._handle(shard).get_slice(name)
+            return part[index] if rows is None else part[index, rows[0] : rows[1]]
+        except ModelSourceError:
+            raise
+        except Exception as exc:
+            raise ModelSourceError(
+                f"{self.path / shard}: cannot read {name}[{index}] ({first_line(exc)})"
+            ) from None
+
+    def layer_names(self, prefix: str) -> list[str]:
+        """Names of the tensors under `prefix` (one decoder layer), without the prefix; nothing is read."""
+        return [n[len(prefix) :] for n in self.names() if n.startswith(prefix)]
 
     def read_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """All tensors under `prefix` (one decoder layer), keyed without the prefix."""
@@ -100,7 +129,9 @@ class Checkpoint:
         for shard in sorted(set(self.weight_map.values())):
             for name, meta in _header(self.path / shard).items():
                 if meta["dtype"] not in by_code:
-                    raise ModelSourceError(f"{self.path / shard}: unsupported dtype {meta['dtype']} for {name}")
+                    raise ModelSourceError(
+                        f"{self.path / shard}: unsupported dtype {meta['dtype']} for {name}"
+                    )
                 out[name] = TensorSpec(name, by_code[meta["dtype"]], tuple(meta["shape"]))
         return out
 
@@ -162,9 +193,16 @@ def _weight_map(path: Path) -> dict[str, str]:
 
 
 SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 
 
@@ -182,14 +220,20 @@ class TensorSpec:
         return count * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _write_safetensors(path: Path, specs: list[TensorSpec], tensors: Iterator[tuple[str, torch.Tensor]],
-                       metadata: dict[str, str] | None) -> None:
+def _write_safetensors(
+    path: Path,
+    specs: list[TensorSpec],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None,
+) -> None:
     """Write the header first, then each tensor as it arrives: one tensor in memory at a time."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for spec in specs:
         header[spec.name] = {
-            "dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]
+            "dtype": SAFETENSORS_DTYPES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
         }
         offset += spec.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -238,9 +282,13 @@ def save_sharded(
     if next(stream, None) is not None:
         raise ValueError(f"{out_dir}: more tensors than planned")
     if len(shards) > 1:
-        weight_map = {spec.name: name for name, shard in zip(names, shards, strict=True) for spec in shard}
+        weight_map = {
+            spec.name: name for name, shard in zip(names, shards, strict=True) for spec in shard
+        }
         total = sum(spec.nbytes for spec in specs)
-        atomic_write_json(out_dir / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        atomic_write_json(
+            out_dir / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
     return names
 
 
@@ -258,7 +306,9 @@ def packaged_gguf(source: str) -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
-        raise ModelSourceError(f"model.source {source}: {path} is missing from the installed package")
+        raise ModelSourceError(
+            f"model.source {source}: {path} is missing from the installed package"
+        )
     return path
 
 
@@ -281,7 +331,9 @@ def prepare_model(
     if path.is_dir():
         return _from_directory(path, out_dir, allow_pickle, trust_remote_code)
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise ModelSourceError(f"model.source {source}: no such model directory, .gguf file or hub id")
+        raise ModelSourceError(
+            f"model.source {source}: no such model directory, .gguf file or hub id"
+        )
     return _from_hub(source, out_dir, allow_pickle, trust_remote_code, revision)
 
 
@@ -291,7 +343,9 @@ def _from_directory(path: Path, out_dir: Path, allow_pickle: bool, trust_remote_
         return path
     pickles = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
     if not pickles:
-        raise ModelSourceError(f"model.source {path}: no .safetensors or .bin weights in the directory")
+        raise ModelSourceError(
+            f"model.source {path}: no .safetensors or .bin weights in the directory"
+        )
     if not allow_pickle:
         raise ModelSourceError(
             f"model.source {path}: only pickle weights ({pickles[0].name}); pickle can run code on load, "
@@ -309,7 +363,9 @@ def _from_pickle(path: Path, pickles: list[Path], out_dir: Path) -> Path:
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:
-                raise ModelSourceError(f"{file}: cannot be loaded with weights_only=True ({first_line(exc)})") from None
+                raise ModelSourceError(
+                    f"{file}: cannot be loaded with weights_only=True ({first_line(exc)})"
+                ) from None
             seen: set[int] = set()
             for name, tensor in state.items():
                 pointer = tensor.untyped_storage().data_ptr()
@@ -328,7 +384,10 @@ def _from_pickle(path: Path, pickles: list[Path], out_dir: Path) -> Path:
 
 def is_weight_file(name: str) -> bool:
     """Weights or a weight index, in any format the pipeline reads or writes."""
-    return name.endswith((".safetensors", ".bin", ".gguf", ".pt", ".pth")) or name in (INDEX, PICKLE_INDEX)
+    return name.endswith((".safetensors", ".bin", ".gguf", ".pt", ".pth")) or name in (
+        INDEX,
+        PICKLE_INDEX,
+    )
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -343,10 +402,14 @@ def _from_gguf(gguf: Path, out_dir: Path) -> Path:
     if (out_dir / "config.json").is_file():
         return out_dir
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:
-        raise ModelSourceError(f"{gguf}: cannot be read as a GGUF model ({first_line(exc)})") from None
+        raise ModelSourceError(
+            f"{gguf}: cannot be read as a GGUF model ({first_line(exc)})"
+        ) from None
     model.hf_quantizer = None  # save_pretrained refuses models that still carry the GGUF quantizer
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -356,12 +419,16 @@ def _from_gguf(gguf: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _from_hub(source: str, out_dir: Path, allow_pickle: bool, trust_remote_code: bool, revision: str | None) -> Path:
+def _from_hub(
+    source: str, out_dir: Path, allow_pickle: bool, trust_remote_code: bool, revision: str | None
+) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = HUB_FILES + (["*.bin"] if allow_pickle else [])
     try:
         path = Path(snapshot_download(source, revision=revision, allow_patterns=patterns))
     except Exception as exc:
-        raise ModelSourceError(f"model.source {source}: cannot download from the Hugging Face hub ({first_line(exc)})") from None
+        raise ModelSourceError(
+            f"model.source {source}: cannot download from the Hugging Face hub ({first_line(exc)})"
+        ) from None
     return _from_directory(path, out_dir, allow_pickle, trust_remote_code)

@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "evaluation": None,
     "export": {"formats": ["dense"]},
+    "moe": {"calibrate_all_experts": True, "prune_router": False},
 }
 EVAL_DEFAULTS: dict[str, Any] = {"batch_size": 4, "perplexity": [], "zero_shot": None}
 ZERO_SHOT_DEFAULTS: dict[str, Any] = {
@@ -148,11 +149,14 @@ class RunConfig:
 
     def variant_provenance(self, variant: Variant) -> dict[str, Any]:
         """What decides a variant's per-layer artifacts (everything upstream included)."""
-        return {
+        out = {
             **self.calibration_provenance(),
             "variant": variant.name,
             "prune": {k: v for k, v in self.raw["prune"].items() if k != "layers"},
         }
+        if self.raw["moe"] != DEFAULTS["moe"]:  # only then: existing runs keep their hashes
+            out["moe"] = self.raw["moe"]
+        return out
 
 
 def schema() -> dict[str, Any]:

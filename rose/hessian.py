@@ -3,11 +3,30 @@
 We keep the raw sum and the sequence count and divide once at the end, so every
 sequence weighs the same (the official ROSE code rescales a running statistic
 and ends up weighting sample k by 1/k, see shared/ROSE.md).
+
+A routed expert's Hessian sums over the tokens routed to it (or over all tokens,
+`moe.calibrate_all_experts`) and is divided by the same N, the number of
+calibration sequences: H_e = (2/N) sum_{t routed to e} x_t^T x_t.
+
+`HessianWriter` streams Hessians into one HDF5 artifact as they are finished,
+so a stage never holds more of them than it computes at once (mixture-of-experts
+layers: one group of experts at a time), with the conventions of
+`rose.artifacts.write_h5` (atomic rename, provenance attributes, a `sha256`
+attribute per dataset that `H5Artifact` verifies).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
 import torch
+
+from rose.artifacts import _chunks, _to_numpy, atomic_path, ensure_space, tensor_checksum
 
 
 class HessianAccumulator:
@@ -22,6 +41,7 @@ class HessianAccumulator:
         self.dtype = dtype
         self._sum = torch.zeros(columns, columns, device=device, dtype=dtype)
         self.sequences = 0
+        self.tokens = 0  # rows (token vectors) added
 
     def add(self, inputs: torch.Tensor) -> None:
         """Add a batch. [..., seq, cols]: leading dims are sequences; [seq, cols] is one."""
@@ -32,11 +52,132 @@ class HessianAccumulator:
         if inputs.ndim < 2:
             raise ValueError("Hessian inputs need at least [tokens, features]")
         sequences = 1 if inputs.ndim == 2 else int(torch.tensor(inputs.shape[:-2]).prod())
-        x = inputs.reshape(-1, self.columns).to(device=self._sum.device, dtype=self.dtype)
-        self._sum.addmm_(x.T, x)
+        self.add_rows(inputs)
         self.sequences += sequences
 
-    def finalize(self) -> torch.Tensor:
-        if self.sequences == 0:
+    def add_rows(self, inputs: torch.Tensor) -> None:
+        """Add token vectors [..., cols] without counting sequences (routed tokens of an expert,
+        or a module fed [tokens, cols]); `finalize(sequences)` then divides by the caller's N."""
+        if inputs.shape[-1] != self.columns:
+            raise ValueError(
+                f"Hessian input has {inputs.shape[-1]} features, expected {self.columns}"
+            )
+        x = inputs.reshape(-1, self.columns).to(device=self._sum.device, dtype=self.dtype)
+        self._sum.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    def finalize(self, sequences: int | None = None) -> torch.Tensor:
+        """(2/N) X^T X; N is the sequences counted by `add`, or `sequences` when given."""
+        count = self.sequences if sequences is None else sequences
+        if count == 0:
             raise ValueError("no calibration inputs were added to the Hessian")
-        return self._sum * (2.0 / self.sequences)
+        return self._sum * (2.0 / count)
+
+
+def expert_hessian_bytes(hidden: int, intermediate: int, dtype: torch.dtype = torch.float32) -> int:
+    """One routed expert's Hessians: gate/up read [hidden], down reads [intermediate]."""
+    return (hidden * hidden + intermediate * intermediate) * torch.empty(
+        (), dtype=dtype
+    ).element_size()
+
+
+def available_memory(device: torch.device | str) -> int:
+    """Bytes a stage can still allocate on `device`: free GPU memory, or the host's available
+    memory bounded by the job's cgroup limit (SLURM jobs see the node's /proc/meminfo)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    candidates = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                candidates.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    headroom = _cgroup_headroom()
+    if headroom is not None:
+        candidates.append(headroom)
+    if not candidates:
+        candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return max(0, min(candidates))
+
+
+def _cgroup_headroom() -> int | None:
+    """Memory limit minus usage of this process's cgroup (v2 or v1), None when unlimited."""
+    root = Path("/sys/fs/cgroup")
+    files = []
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                files += [
+                    (root / path.lstrip("/"), "memory.max", "memory.current"),
+                    (root, "memory.max", "memory.current"),
+                ]
+            elif "memory" in controllers.split(","):
+                base = root / "memory"
+                files += [
+                    (base / path.lstrip("/"), "memory.limit_in_bytes", "memory.usage_in_bytes"),
+                    (base, "memory.limit_in_bytes", "memory.usage_in_bytes"),
+                ]
+    except (OSError, ValueError):
+        return None
+    found = []
+    for directory, limit, usage in files:
+        try:
+            text = (directory / limit).read_text().strip()
+            if text != "max" and int(text) < 1 << 60:
+                found.append(int(text) - int((directory / usage).read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else None
+
+
+class HessianWriter:
+    """Hessians written into one HDF5 artifact one by one as they are finished, atomically.
+
+    `total_bytes` (all datasets) is checked against the free disk space up front,
+    as `write_h5` does. Each dataset gets a `sha256` attribute (`tensor_checksum`).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        attrs: Mapping[str, Any],
+        total_bytes: int,
+        chunk_bytes: int = 4 << 20,
+    ):
+        self.path = Path(path)
+        self.attrs = dict(attrs)
+        self.total_bytes = total_bytes
+        self.chunk_bytes = chunk_bytes
+
+    def __enter__(self) -> HessianWriter:
+        self._ctx = atomic_path(self.path)
+        tmp = self._ctx.__enter__()
+        try:
+            ensure_space(tmp, self.total_bytes)
+            self._fh = h5py.File(tmp, "w")
+            for key, value in self.attrs.items():
+                self._fh.attrs[key] = value
+        except BaseException as error:
+            self._ctx.__exit__(type(error), error, error.__traceback__)
+            raise
+        return self
+
+    def write(
+        self, name: str, value: torch.Tensor | np.ndarray, attrs: Mapping[str, Any] | None = None
+    ) -> None:
+        array = _to_numpy(value)
+        dset = self._fh.create_dataset(name, data=array, chunks=_chunks(array, self.chunk_bytes))
+        dset.attrs["sha256"] = tensor_checksum(array)
+        for key, attr in (attrs or {}).items():
+            dset.attrs[key] = attr
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._fh.close()
+        except BaseException as error:
+            self._ctx.__exit__(type(error), error, error.__traceback__)
+            raise
+        self._ctx.__exit__(exc_type, exc, tb)

@@ -892,7 +892,10 @@ def predict(
         "layer_parameters": largest.parameters,
         "active_layer_parameters": largest.active_parameters,
         "hessian_elements": largest.hessian_elements,
-        "hessian_token_flops": largest.hessian_token_flops,
+        # moe.calibrate_all_experts (the default): every expert's Hessians see every token
+        "hessian_token_flops": sum(2.0 * cols * cols for cols, _ in largest.groups().values())
+        if (cfg.raw.get("moe") or {}).get("calibrate_all_experts", True)
+        else largest.hessian_token_flops,
         "sweep_flops": largest.sweep_flops,
     }
     cbytes = DTYPE_BYTES[compute]

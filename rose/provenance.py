@@ -75,11 +75,16 @@ def layer_inputs_provenance(
 
 def run_identity(cfg: RunConfig) -> dict[str, Any]:
     """What every artifact of a run depends on: a run directory holds one of these."""
-    return {
+    from rose.config import DEFAULTS
+
+    identity = {
         "model": cfg.raw["model"],
         "calibration": cfg.raw["calibration"],
         "prune": cfg.raw["prune"],
     }
+    if cfg.raw["moe"] != DEFAULTS["moe"]:  # only then: existing run directories stay valid
+        identity["moe"] = cfg.raw["moe"]
+    return identity
 
 
 def check_run(cfg: RunConfig, write: bool = True) -> None:

@@ -190,6 +190,8 @@ def load_model_size(path: str | Path) -> dict[str, Any]:
         size.update({key: raw[key] for key in _SHAPE_KEYS})
         # prune.layers or a partial model: the layers actually present still size a layer.
         size["num_layers"] = max(1, int(float(size["num_layers"])))
+        # mixture-of-experts models: model.json has the exact per-layer sizes (DETAIL_KEYS)
+        size.update({key: raw[key] for key in DETAIL_KEYS if _number(raw.get(key))})
     if raw.get("dtype") is not None:
         size["dtype"] = raw["dtype"]
     return size
@@ -261,7 +263,9 @@ def _layer_figures(size: Mapping[str, Any]) -> dict[str, float]:
     return derived
 
 
-def stage_estimate(stage: str, cfg: Mapping[str, Any], size: Mapping[str, Any]) -> tuple[float, float]:
+def stage_estimate(
+    stage: str, cfg: Mapping[str, Any], size: Mapping[str, Any]
+) -> tuple[float, float]:
     """(host bytes held at the peak beyond the interpreter, seconds) for one job of `stage`.
 
     No safety factors: estimate_resources adds them for the cluster request;
@@ -298,7 +302,8 @@ def stage_estimate(stage: str, cfg: Mapping[str, Any], size: Mapping[str, Any]) 
         "prepare_model": 40 * 60.0,  # size unknown until it ran: a 70B download
         "capture_calibration": 120.0,
         "embed_calibration": 2 * acts / _IO_RATE,
-        "hessians": (fwd_flops + tokens * fig["hessian_token_flops"]) / _FLOPS[kind] + 2 * acts / _IO_RATE,
+        "hessians": (fwd_flops + tokens * fig["hessian_token_flops"]) / _FLOPS[kind]
+        + 2 * acts / _IO_RATE,
         "order": sweep_flops / _FLOPS[kind] + 2 * hess / _IO_RATE,
         "prune": 2 * sweep_flops / _FLOPS[kind] + 2 * hess / _IO_RATE,
         "forward": fwd_flops / _FLOPS[kind] + 3 * acts / _IO_RATE,

@@ -807,11 +807,15 @@ def _disk(case: FaultCase, world: World, tmp: Path) -> None:
 
 
 def _real_full_disk(case: FaultCase, world: World, tmp: Path) -> None:
-    """The results directory on a 1 MiB tmpfs: the calibration inputs do not fit."""
+    """The results directory on a 1 MiB tmpfs: the pre-flight refuses the run before any work,
+    and forced past it, the first artifact that does not fit is one error naming it."""
     results = tmp / "results"
     cfg = _config(tmp / "c.yaml", world.model, world.text, results)
     with small_tmpfs(results, "1m") as resize:
-        full = run(rose_cmd(_args(cfg)))
+        refused = run(rose_cmd(_args(cfg)))
+        _one_named_error(refused.returncode, error_lines(refused.stderr), "needs about", "free")
+        assert not (results / "tiny" / "model.json").exists()
+        full = run(rose_cmd(_args(cfg)), env={**os.environ, "ROSE_FORCE": "1"})
         errors = error_lines(full.stderr)
         leftovers = temporaries(results)
         resize("256m")

@@ -152,6 +152,7 @@ SEVEN_B_ESTIMATES = {
     "prune": (14592, 10),
     "forward": (18944, 10),
     "assemble": (12032, 10),
+    "export": (5632, 10),
     "evaluate_perplexity": (26368, 12),
     "evaluate_zero_shot": (26368, 118),
     "report": (4608, 10),

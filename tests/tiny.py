@@ -3,7 +3,12 @@
 Widths are deliberately not multiples of 128 (ROSE's block size), attention uses
 GQA, and embeddings are tied (unless asked otherwise), so the code paths that real
 models hit are hit here. FAMILY_DEFAULTS holds what makes each family itself
-(rope scaling, sliding windows, soft-capping, fused projections).
+(rope scaling, sliding windows, soft-capping, fused projections, experts).
+
+Mixture-of-experts models have 4 experts with top-2 routing; `save_pretrained`
+writes their experts one tensor per expert (the hub's names), and
+`to_stacked_layout` rewrites a model directory with transformers' stacked expert
+parameters instead, so both checkpoint layouts can be tested.
 """
 
 from __future__ import annotations
@@ -54,6 +59,28 @@ FAMILY_DEFAULTS = {
     ),
     # Phi-3: fused qkv_proj and gate_up_proj.
     "phi3": dict(model_type="phi3", pad_token_id=0),
+    # Mixture of experts: 4 experts, top-2; expert widths not multiples of 128 either.
+    "mixtral": dict(
+        model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None
+    ),
+    # Qwen2-MoE: a shared expert with its sigmoid gate beside the routed ones.
+    "qwen2_moe": dict(
+        model_type="qwen2_moe",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=136,
+        shared_expert_intermediate_size=168,
+        norm_topk_prob=False,
+    ),
+    # Qwen3-MoE: q/k norms, renormalised top-k weights.
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=136,
+        head_dim=16,
+        norm_topk_prob=True,
+    ),
 }
 
 
@@ -117,6 +144,35 @@ def make_tiny_model(
     model.save_pretrained(path)
     tiny_tokenizer(vocab_size).save_pretrained(path)
     return path
+
+
+def to_stacked_layout(src: Path, dst: Path) -> Path:
+    """Rewrite a mixture-of-experts model dir with transformers' stacked expert parameters
+    (`mlp.experts.gate_up_proj` [experts, 2 x intermediate, hidden], `mlp.experts.down_proj`),
+    the in-memory layout, instead of the per-expert tensors `save_pretrained` writes."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    dst = Path(dst)
+    dst.mkdir(parents=True)
+    for item in Path(src).iterdir():
+        if (
+            item.is_file()
+            and not item.name.endswith(".safetensors")
+            and item.name != "model.safetensors.index.json"
+        ):
+            shutil.copy2(item, dst / item.name)
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(dst / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    return dst
 
 
 def tiny_text(n_words: int = 20000, vocab_size: int = 256, seed: int = 0) -> str:

@@ -2,6 +2,9 @@
 
 Tensors are streamed in checkpoint order, one pruned layer file in memory at a
 time, and a `pruning.json` manifest records what was done and with which versions.
+Pruned layers hold the checkpoint's own tensors (mixture of experts: stacked or
+per-expert, as the checkpoint has them), so the reassembled model keeps the
+source's layout and tensor names.
 """
 
 from __future__ import annotations
@@ -14,10 +17,19 @@ import torch
 
 from rose import checkpoint as ckpt
 from rose import family
-from rose.artifacts import atomic_path, atomic_write_json, check_provenance, read_json, read_pruned
+from rose.artifacts import (
+    ArtifactError,
+    atomic_path,
+    atomic_write_json,
+    check_provenance,
+    read_json,
+    read_pruned,
+)
 from rose.config import RunConfig
+from rose.model_card import model_card_text
 from rose.model_info import ModelInfo, open_model
 from rose.provenance import layer_provenance, versions
+from rose.stages.layer import layer_units, moe_settings
 
 
 def assemble_model(
@@ -35,15 +47,22 @@ def assemble_model(
     if len(pruned_paths) != info.prune_layers or len(stats_paths) != info.prune_layers:
         raise ValueError(f"assemble {variant.name}: expected {info.prune_layers} pruned layers")
     replacements: dict[str, Path] = {}
+    experts = 0
     for layer, path in enumerate(pruned_paths):
-        for name in fam.linear_names():
-            replacements[fam.layer_prefix.format(index=layer) + name + ".weight"] = Path(path)
+        units = layer_units(cfg, checkpoint, fam, layer)
+        experts = max(experts, units.num_experts)
+        for tensor in units.tensors():
+            replacements[fam.layer_prefix.format(index=layer) + tensor] = Path(path)
     linears: dict[str, Any] = {}
     prune_seconds = 0.0
     numerics: set[tuple[str, int]] = set()
     for layer, path in enumerate(stats_paths):
         stats = read_json(path)
-        check_provenance(Path(path), stats.get("provenance", {}), layer_provenance(cfg, info, "pruned", variant, layer))
+        check_provenance(
+            Path(path),
+            stats.get("provenance", {}),
+            layer_provenance(cfg, info, "pruned", variant, layer),
+        )
         if "numerics" in stats:
             numerics.add((stats["numerics"]["device"], stats["numerics"]["torch_threads"]))
         for name, entry in stats["linears"].items():
@@ -67,7 +86,12 @@ def assemble_model(
             if current is None or current[0] != source:
                 expected = layer_provenance(cfg, info, "pruned", variant, layer)
                 current = (source, read_pruned(source, expected))
-            yield name, current[1][name[len(fam.layer_prefix.format(index=layer)) :]]
+            key = name[len(fam.layer_prefix.format(index=layer)) :]
+            if key not in current[1]:
+                raise ArtifactError(
+                    f"{source}: no tensor {key} (written for another layout); delete it and rerun"
+                )
+            yield name, current[1][key]
 
     total_zero, total = 0, 0
     for entry in linears.values():
@@ -94,11 +118,47 @@ def assemble_model(
         "total_linears": len(linears),
         "linears": linears,
     }
+    if experts:
+        manifest["experts"] = _experts_summary(cfg, linears, experts)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        ckpt.save_sharded(tmp, [specs[name] for name in order], tensors(), metadata={"format": "pt"})
+        ckpt.save_sharded(
+            tmp, [specs[name] for name in order], tensors(), metadata={"format": "pt"}
+        )
         ckpt.copy_side_files(Path(info.path), tmp)
         atomic_write_json(tmp / "pruning.json", manifest)
+        # The card here cannot quote evaluations (they read this directory); the exports'
+        # cards (<variant>/export/<format>/README.md) carry them.
+        (tmp / "README.md").write_text(
+            model_card_text(
+                manifest, run=cfg.run, num_layers=info.num_layers, evaluations_pending=True
+            )
+        )
+
+
+def _experts_summary(cfg: RunConfig, linears: dict[str, Any], experts: int) -> dict[str, Any]:
+    """Mixture of experts: the settings, and per layer how many calibration tokens each
+    routed expert was sent (its Hessian's tokens: all of them with calibrate_all_experts)."""
+    settings = moe_settings(cfg)
+    routed: dict[str, dict[str, int]] = {}
+    undersampled = []
+    for name, entry in linears.items():
+        if entry.get("expert") is None:
+            continue
+        if "routed_tokens" in entry:
+            per_layer = routed.setdefault(str(entry["layer"]), {})
+            per_layer[str(entry["expert"])] = entry["routed_tokens"]
+        if entry.get("undersampled"):
+            undersampled.append(name)
+    return {
+        "num_experts": experts,
+        "calibrate_all_experts": settings.calibrate_all_experts,
+        "prune_router": settings.prune_router,
+        # layer -> expert -> calibration tokens its router sent it
+        "routed_tokens": routed,
+        # expert matrices whose Hessian saw fewer tokens than they have inputs
+        "undersampled": sorted(undersampled),
+    }
 
 
 def _layer_index(fam: family.Family, name: str) -> int:
