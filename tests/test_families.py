@@ -23,6 +23,9 @@ import json
 
 import pytest
 import torch
+from model_oracle import full_model_states as _full_model_states
+from model_oracle import layer_chain as _layer_chain
+from model_oracle import relative_change_when
 from pipeline_utils import run_snakemake_api, write_config
 from tiny import make_tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -99,27 +102,6 @@ def _tokens(batch: int = 2, seqlen: int = SEQLEN) -> torch.Tensor:
     return torch.randint(3, 256, (batch, seqlen), generator=torch.Generator().manual_seed(1))
 
 
-def _layer_chain(path, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Embeddings and every layer's output, one layer built at a time (what the stages run)."""
-    checkpoint = ck.Checkpoint.open(path)
-    fam = family.family_for(checkpoint.config)
-    hidden = family.embed(checkpoint.read(fam.embed_name), tokens, fam)
-    states = [hidden]
-    with torch.no_grad():
-        for index in range(checkpoint.num_layers()):
-            tensors = checkpoint.read_prefix(fam.layer_prefix.format(index=index))
-            layer = family.build_layer(checkpoint.config, index, tensors, "cpu", torch.float32)
-            hidden = family.layer_forward(layer, checkpoint.config, hidden)
-            states.append(hidden)
-    return states
-
-
-def _full_model_states(model, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """hidden_states[k] is the input of layer k; the last entry has the final norm applied."""
-    with torch.no_grad():
-        return model(tokens, output_hidden_states=True).hidden_states
-
-
 # Both sides run the same transformers layer modules in float32 on the same inputs; they
 # can differ only in kernel order. Measured here (torch 2.13 CPU): bit-identical for every
 # case. 1e-5 of the largest |hidden| leaves room for other BLAS builds and thread counts.
@@ -158,14 +140,7 @@ def test_each_family_feature_changes_what_the_oracle_compares(tiny_models, featu
     """Equality above proves something only if the feature matters at this size and length."""
     case, off = FEATURES[feature]
     path = tiny_models(case)
-    tokens = _tokens()
-    on = _full_model_states(
-        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokens
-    )[-1]
-    without = _full_model_states(
-        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **off).eval(), tokens
-    )[-1]
-    change = float((on - without).abs().max() / on.abs().max())
+    change = relative_change_when(path, _tokens(), **off)
     assert change > 1e-3, f"{feature}: turning it off changes the output by only {change:.2e}"
 
 
