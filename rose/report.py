@@ -118,8 +118,8 @@ def summary_table(rows: list[SummaryRow]) -> tuple[list[str], list[list[Any]]]:
     header += [f"ppl_{n}" for n in ppl_names] + tasks + (["zero_shot_mean"] if has_mean else [])
     header += ["achieved_sparsity", "reordered_linears", "total_linears", "prune_seconds"]
     formats = sorted({f for r in rows for f in r.exports})
-    for fmt in formats:  # weights on disk, and their ratio to the dense model's
-        header += [f"export_{fmt}_mib", f"export_{fmt}_ratio"]
+    for fmt in formats:  # weights on disk, and (but for dense itself) their ratio to dense's
+        header += [f"export_{fmt}_mib"] + ([f"export_{fmt}_ratio"] if fmt != "dense" else [])
     cells = []
     for r in rows:
         scores = {f"{task}_{s.metric}": s.value for task, s in r.zero_shot.items()}
@@ -130,7 +130,8 @@ def summary_table(rows: list[SummaryRow]) -> tuple[list[str], list[list[Any]]]:
         for fmt in formats:
             sizes = r.exports.get(fmt, {})
             size = sizes.get("weights_bytes")
-            line += [None if size is None else size / 2**20, sizes.get("ratio")]
+            line += [None if size is None else size / 2**20]
+            line += [sizes.get("ratio")] if fmt != "dense" else []
         cells.append(line)
     return header, cells
 
@@ -189,7 +190,7 @@ def summary_markdown(rows: list[SummaryRow]) -> str:
     for c in md_header:
         if c.startswith("export_"):
             fmt, unit = c.removeprefix("export_").rsplit("_", 1)
-            display[c] = f"{fmt} MiB" if unit == "mib" else f"{fmt} / dense"
+            display[c] = f"{fmt} export MiB" if unit == "mib" else f"{fmt} / dense"
     names = [display.get(c) or _MD_NAMES.get(c, c) for c in md_header]
     text = "| " + " | ".join(names) + " |\n"
     text += "|" + "|".join("---" for _ in names) + "|\n"
