@@ -186,9 +186,16 @@ def strip(obj):
     return obj
 
 
+def card(path: Path) -> list[str]:
+    """A model card without its wall-clock line."""
+    return [line for line in path.read_text().splitlines() if "pruning time" not in line]
+
+
 def same(a: Path, b: Path) -> bool:
     if a.suffix == ".json":
         return strip(json.loads(a.read_text())) == strip(json.loads(b.read_text()))
+    if a.name == "README.md":
+        return card(a) == card(b)
     return a.read_bytes() == b.read_bytes()
 
 
@@ -202,9 +209,11 @@ for name, required in (
     root = work / name / res
     files = sorted(
         p.relative_to(root) for p in root.rglob("*")
-        # logs and the report (it lists the run's variants and times) are not compared
-        if p.is_file() and not {"logs", "report"} & set(p.relative_to(root).parts)
-        and not p.name.startswith(".snakemake")
+        # logs, the report (it lists the run's variants and times) and the invocation's own
+        # settings (config.effective.yaml: each profile's resources) are not compared
+        # exports: copies of model/ (compared) plus cards and records that quote wall-clock times
+        if p.is_file() and not {"logs", "report", "export"} & set(p.relative_to(root).parts)
+        and not p.name.startswith(".snakemake") and p.name != "config.effective.yaml"
     )
     missing = [r for r in required if not (root / r).is_file()]
     assert not missing, f"{name}: missing {missing}"

@@ -430,7 +430,7 @@ def _slurm_skip_reason() -> str | None:
 def test_workflow_on_one_node_slurm():
     venv = Path(sys.executable).parent.parent
     proc = subprocess.run(
-        ["timeout", "-k", "15", "420", str(REPO / ".ci" / "slurm-test.sh"), str(REPO), str(venv)],
+        ["timeout", "-k", "15", "900", str(REPO / ".ci" / "slurm-test.sh"), str(REPO), str(venv)],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
