@@ -73,7 +73,7 @@ def _run(cfg: RunConfig, evaluate: bool, report: bool, force: bool | None = None
     need = graph.needed_steps(steps, plan.targets(evaluate=evaluate, report=False))
     readers = graph.consumers(steps)
     temporary = {path for s in steps for path in s.temporary}
-    pending = {s.key for s in steps if s.key in need}
+    pending = set(need)  # keys of the steps still to run
     for step in steps:
         if step.stage == "report" or step.key in need:
             _timed(cfg, step, result, plan.info.prune_layers)
