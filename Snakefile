@@ -26,6 +26,7 @@ if not workflow.overwrite_configfiles:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/calibration.smk"
+include: "workflow/rules/allocation.smk"
 include: "workflow/rules/prune.smk"
 include: "workflow/rules/assemble.smk"
 include: "workflow/rules/evaluate.smk"

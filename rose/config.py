@@ -16,6 +16,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from rose.allocation import LAYERS, OWL, UNIFORM, Allocation
 from rose.data import TextSource
 from rose.methods import PruneSettings
 from rose.sparsity import Sparsity
@@ -104,11 +105,22 @@ class EvaluationSettings:
 @dataclass(frozen=True)
 class Variant:
     method: str
-    sparsity: Sparsity
+    sparsity: Sparsity  # the model-wide target (a `layers` list: its plain mean, nominal)
+    allocation: Allocation = Allocation()
+
+    @property
+    def target(self) -> str:
+        """The name without the method: '0.7', 'owl-0.7', 'layers'. Variants of every method
+        with the same target share its allocation (allocation/<target>.json)."""
+        if self.allocation.kind == UNIFORM:
+            return self.sparsity.label
+        if self.allocation.kind == LAYERS:
+            return self.allocation.name
+        return f"{self.allocation.name}-{self.sparsity.label}"
 
     @property
     def name(self) -> str:
-        return f"{self.method}-{self.sparsity.label}"
+        return f"{self.method}-{self.target}"
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,7 @@ class RunConfig:
     keep_intermediates: bool = False
     evaluation: EvaluationSettings | None = None
     export_formats: tuple[str, ...] = ("dense",)
+    allocations: tuple[Allocation, ...] = (Allocation(),)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -133,7 +146,34 @@ class RunConfig:
 
     @property
     def variants(self) -> list[Variant]:
-        return [Variant(m, s) for m in self.methods if m != "dense" for s in self.sparsities]
+        """Methods x allocations x their targets (uniform only: methods x sparsities, as ever)."""
+        out = []
+        for method in self.methods:
+            if method == "dense":
+                continue
+            for allocation in self.allocations:
+                out += [Variant(method, s, allocation) for s in self.targets(allocation)]
+        return out
+
+    def targets(self, allocation: Allocation) -> tuple[Sparsity, ...]:
+        if allocation.kind == LAYERS:
+            fractions = allocation.fractions
+            return (Sparsity(fraction=round(sum(fractions) / len(fractions), 6)),)
+        if allocation.kind == OWL and allocation.sparsities:
+            return tuple(Sparsity(fraction=float(s)) for s in allocation.sparsities)
+        return self.sparsities
+
+    @property
+    def owl_m_values(self) -> tuple[float, ...]:
+        """The outlier thresholds the dense statistics pass measures (one pass for all)."""
+        return tuple(sorted({a.m for a in self.allocations if a.kind == OWL}))
+
+    def dense_statistics_provenance(self) -> dict[str, Any]:
+        """What decides the dense pass's outlier statistics (shared by every OWL variant)."""
+        out = {**self.calibration_provenance(), "owl_m": list(self.owl_m_values)}
+        if self.raw["moe"] != DEFAULTS["moe"]:
+            out["moe"] = self.raw["moe"]
+        return out
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -156,6 +196,8 @@ class RunConfig:
         }
         if self.raw["moe"] != DEFAULTS["moe"]:  # only then: existing runs keep their hashes
             out["moe"] = self.raw["moe"]
+        if not variant.allocation.is_uniform:  # likewise: uniform variants keep theirs
+            out["allocation"] = variant.allocation.settings()
         return out
 
 
@@ -272,8 +314,60 @@ def from_dict(given: dict[str, Any]) -> RunConfig:
         keep_intermediates=raw["keep_intermediates"],
         evaluation=evaluation,
         export_formats=_export_formats(raw),
+        allocations=_allocations(raw.get("allocation", UNIFORM), tuple(sparsities)),
         raw=raw,
     )
+
+
+def _allocations(value: Any, sparsities: tuple[Sparsity, ...]) -> tuple[Allocation, ...]:
+    """The `allocation:` entries (schema-checked) as records; names unique, no N:M with OWL."""
+    entries = value if isinstance(value, list) else [value]
+    single = not isinstance(value, list)
+    out: list[Allocation] = []
+    for index, entry in enumerate(entries):
+        key = "allocation" if single else f"allocation.{index}"
+        spec = {"kind": entry} if isinstance(entry, str) else dict(entry)
+        kind = spec["kind"]
+        name = spec.get("name", kind)
+        if kind == UNIFORM and name != UNIFORM:
+            raise ConfigError(f"config: {key}.name: a uniform entry has no name")
+        if kind != UNIFORM and name == UNIFORM:
+            raise ConfigError(f"config: {key}.name: 'uniform' names the uniform allocation")
+        if kind == LAYERS and "fractions" not in spec:
+            raise ConfigError(
+                f"config: {key}.fractions: a layers entry needs its list of fractions"
+            )
+        for option, allowed in (("fractions", LAYERS), ("m", OWL), ("lambda", OWL)):
+            if option in spec and kind != allowed:
+                raise ConfigError(f"config: {key}.{option}: only for kind {allowed}")
+        if "sparsities" in spec and kind != OWL:
+            raise ConfigError(f"config: {key}.sparsities: only for kind owl")
+        if kind == OWL:
+            targets = spec.get("sparsities")
+            nm = [str(s) for s in sparsities if s.is_nm] if targets is None else []
+            if nm:
+                raise ConfigError(
+                    f"config: sparsities = {nm[0]!r}: an N:M target cannot be allocated per layer "
+                    f"by {key} (owl); give that entry its own `sparsities:` without N:M targets"
+                )
+        out.append(
+            Allocation(
+                kind=kind,
+                name=name,
+                m=float(spec.get("m", 5.0)),
+                lam=float(spec.get("lambda", 0.08)),
+                fractions=tuple(float(f) for f in spec.get("fractions", ())),
+                sparsities=tuple(float(s) for s in spec.get("sparsities", ())),
+                key=key,
+            )
+        )
+    names = [a.name for a in out]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(
+                f"config: allocation: two entries are named {name!r}; give each its own `name:`"
+            )
+    return tuple(out)
 
 
 def _export_formats(raw: dict[str, Any]) -> tuple[str, ...]:

@@ -74,6 +74,28 @@ class HessianAccumulator:
         return self._sum * (2.0 / count)
 
 
+class ColumnNorms:
+    """Running sum of squares per input column: what Wanda scores and OWL need of X, without
+    the [cols, cols] product (the dense statistics pass)."""
+
+    def __init__(self, columns: int, device: str | torch.device = "cpu"):
+        self.columns = columns
+        self._sum = torch.zeros(columns, device=device, dtype=torch.float64)
+        self.tokens = 0
+
+    def add_rows(self, inputs: torch.Tensor) -> None:
+        if inputs.shape[-1] != self.columns:
+            raise ValueError(f"input has {inputs.shape[-1]} features, expected {self.columns}")
+        x = inputs.reshape(-1, self.columns).to(device=self._sum.device, dtype=torch.float64)
+        self._sum += (x * x).sum(dim=0)
+        self.tokens += x.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        """sqrt(mean of x_j^2 over the tokens seen): ||X_j|| / sqrt(tokens), float64 [cols].
+        Per-token, so routed experts that saw fewer tokens are on the same scale."""
+        return torch.sqrt(self._sum / max(self.tokens, 1))
+
+
 def expert_hessian_bytes(hidden: int, intermediate: int, dtype: torch.dtype = torch.float32) -> int:
     """One routed expert's Hessians: gate/up read [hidden], down reads [intermediate]."""
     return (hidden * hidden + intermediate * intermediate) * torch.empty(

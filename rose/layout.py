@@ -25,10 +25,25 @@ class RunLayout:
         return self.run_dir / variant / f"layer_{layer}"
 
     def inputs(self, variant: str, layer: int) -> Path:
-        """Layer 0's inputs (embeddings) are shared by all variants."""
+        """Layer 0's inputs (embeddings) are shared by all variants; the dense model's later
+        inputs are the dense statistics pass's outputs of the layer before."""
         if layer == 0:
             return self.run_dir / "calib" / "inputs.h5"
+        if variant == DENSE:
+            return self.dense_outputs(layer - 1)
         return self.forward_inputs(variant, layer)
+
+    def dense_outputs(self, layer: int | str) -> Path:
+        """The dense layer's outputs on the dense calibration inputs (the next layer's inputs)."""
+        return self.layer_dir(DENSE, layer) / "outputs.h5"
+
+    def outliers(self, layer: int | str) -> Path:
+        """The dense layer's outlier statistics (OWL), one file per layer."""
+        return self.layer_dir(DENSE, layer) / "outliers.json"
+
+    def allocation(self, target: str) -> Path:
+        """Per-layer sparsities of one non-uniform target ('owl-0.7'), shared by every method."""
+        return self.run_dir / "allocation" / f"{target}.json"
 
     def forward_inputs(self, variant: str, layer: int | str) -> Path:
         """Inputs of a layer >= 1: the previous pruned layer's outputs, one file per variant."""
@@ -74,7 +89,11 @@ class RunLayout:
     def log(self, stage: str, wildcards: Mapping[str, str]) -> Path:
         """logs/[<variant>|<model>/][layer_<i>/]<stage>[-<metric>].log: one file per job."""
         path = self.run_dir / "logs"
-        for key in ("variant", "model"):
+        if "allocation" in wildcards:
+            path = path / "allocation"
+        elif "variant" not in wildcards and "layer" in wildcards:
+            path = path / DENSE  # the dense statistics pass
+        for key in ("variant", "model", "allocation"):
             if key in wildcards:
                 path = path / str(wildcards[key])
         if "layer" in wildcards:

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from rose.allocation import allocation_label
 from rose.artifacts import ArtifactError, atomic_write_text, read_json
 
 CARD = "README.md"
@@ -240,7 +241,7 @@ def model_card_text(
         f"| method | {method} |",
         f"| sparsity (target) | {sparsity} ({'N:M: N zeros in every M consecutive input weights' if ':' in sparsity else 'unstructured'}) |",
         f"| achieved sparsity (pruned Linears) | {_num(m['achieved_sparsity'])} |",
-        f"| allocation | {m.get('allocation') or 'uniform'} |",
+        f"| allocation | {allocation_label(m.get('allocation'))} |",
         f"| pruned decoder layers | {m['pruned_layers']}"
         + (f" of {num_layers}" if num_layers else "")
         + " |",
@@ -325,21 +326,29 @@ def _evaluation_section(evaluations: Mapping[str, Any], pending: bool) -> list[s
 
 
 def _layers_section(manifest: Mapping[str, Any], num_layers: int | None) -> list[str]:
+    # a non-uniform allocation (OWL, a per-layer list): each layer's own target beside its zeros
+    targets = {e["layer"]: e.get("target") for e in manifest.get("layers", [])}
+    allocated = (manifest.get("allocation") or {}).get("kind", "uniform") != "uniform"
+    columns = ["layer", "sparsity", *(["target"] if allocated else [])]
+    columns += ["zero weights", "weights", "Linears", "reordered"]
     lines = [
         "## Per-layer sparsity",
         "",
         "Zeros over the weights of each decoder layer's pruned Linears (from `pruning.json`, which has every Linear).",
         "",
-        "| layer | sparsity | zero weights | weights | Linears | reordered |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join(" --- " for _ in columns) + "|",
     ]
     for row in per_layer_sparsity(manifest):
-        lines.append(
-            f"| {row['layer']} | {_num(row['sparsity'])} | {row['zeros']} | {row['weights']} | "
-            f"{row['linears']} | {row['reordered']} |"
-        )
+        cells = [row["layer"], _num(row["sparsity"])]
+        cells += [_num(targets.get(row["layer"]))] if allocated else []
+        cells += [row["zeros"], row["weights"], row["linears"], row["reordered"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     if num_layers and manifest["pruned_layers"] < num_layers:
-        lines.append(f"| {manifest['pruned_layers']}-{num_layers - 1} | not pruned | | | | |")
+        lines.append(
+            f"| {manifest['pruned_layers']}-{num_layers - 1} | not pruned |"
+            + " |" * (len(columns) - 2)
+        )
     return lines + [""]
 
 

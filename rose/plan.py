@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rose.artifacts import remove_path
-from rose.config import RunConfig
+from rose.config import ConfigError, RunConfig
 from rose.layout import DENSE, RunLayout
 from rose.methods import NEEDS_HESSIAN, NEEDS_ORDER
 from rose.model_info import ModelInfo, load_checked
@@ -58,6 +58,24 @@ STAGES: dict[str, Stage] = {
             lambda L, w: {"inputs": L.inputs(DENSE, 0)},
             frozenset({"inputs"}),
             gpu=True,
+        ),
+        # OWL's dense statistics pass: the dense layer on the dense inputs, measuring its
+        # outliers; its outputs are the next layer's dense inputs (the last layer's go unread).
+        Stage(
+            "outliers",
+            ("layer",),
+            lambda L, w: {
+                "outliers": L.outliers(_layer(w)),
+                "outputs": L.dense_outputs(_layer(w)),
+            },
+            frozenset({"outputs"}),
+            gpu=True,
+        ),
+        # Per-layer sparsities of one non-uniform target, shared by every method.
+        Stage(
+            "allocate",
+            ("allocation",),
+            lambda L, w: {"allocation": L.allocation(w["allocation"])},
         ),
         Stage(
             "hessians",
@@ -157,9 +175,23 @@ class Plan:
 
     def __init__(self, cfg: RunConfig, info: ModelInfo | None = None):
         self.cfg = cfg
-        self.info = info
+        self._info: ModelInfo | None = None
         self.layout = RunLayout(cfg.run_dir)
         self.variants = {v.name: v for v in cfg.variants}
+        # one allocation per non-uniform target, shared by the methods: 'owl-0.7' -> a variant
+        self.allocations = {v.target: v for v in cfg.variants if not v.allocation.is_uniform}
+        self.info = info
+
+    @property
+    def info(self) -> ModelInfo | None:
+        return self._info
+
+    @info.setter
+    def info(self, info: ModelInfo | None) -> None:
+        """Once the depth is known, a per-layer list must match it (one line naming the key)."""
+        if info is not None:
+            check_allocation_lengths(self.cfg, info.prune_layers)
+        self._info = info
 
     # ------------------------------------------------------------ names for the rules
 
@@ -171,6 +203,10 @@ class Plan:
     @property
     def formats(self) -> list[str]:
         return list(self.cfg.export_formats)
+
+    @property
+    def uses_outliers(self) -> bool:
+        return any(v.allocation.kind == "owl" for v in self.allocations.values())
 
     @property
     def metrics(self) -> list[str]:
@@ -212,6 +248,11 @@ class Plan:
         inputs: dict[str, PathSet] = {"model": L.model_json}
         if stage == "embed_calibration":
             inputs["tokens"] = L.tokens
+        elif stage == "outliers":
+            inputs["inputs"] = L.inputs(DENSE, int(wildcards["layer"]))
+        elif stage == "allocate":
+            if self.allocations[wildcards["allocation"]].allocation.kind == "owl":
+                inputs["outliers"] = [L.outliers(i) for i in range(self._depth())]
         elif stage in ("hessians", "order", "prune", "forward"):
             variant, layer = wildcards["variant"], int(wildcards["layer"])
             method = self.variants[variant].method
@@ -227,6 +268,8 @@ class Plan:
             else:
                 inputs["inputs"] = L.inputs(variant, layer - 1)
                 inputs["pruned"] = L.pruned(variant, layer - 1)
+            if stage in ("order", "prune") and not self.variants[variant].allocation.is_uniform:
+                inputs["allocation"] = L.allocation(self.variants[variant].target)
         elif stage == "assemble":
             layers = range(self._depth())
             inputs["pruned"] = [L.pruned(wildcards["variant"], i) for i in layers]
@@ -295,6 +338,9 @@ class Plan:
             self.step("capture_calibration"),
             self.step("embed_calibration"),
         ]
+        if self.uses_outliers:
+            out += [self.step("outliers", layer=i) for i in range(self._depth())]
+        out += [self.step("allocate", allocation=t) for t in self.allocations]
         for variant in self.variants:
             out.extend(self.variant_steps(variant))
         if evaluate and self.cfg.evaluation is not None:
@@ -321,6 +367,16 @@ class Plan:
         if report:
             out.append(self.layout.report_dir / "summary.csv")
         return out
+
+
+def check_allocation_lengths(cfg: RunConfig, depth: int) -> None:
+    """A `layers` list must have one fraction per pruned decoder layer of this model."""
+    for allocation in cfg.allocations:
+        if allocation.kind == "layers" and len(allocation.fractions) != depth:
+            raise ConfigError(
+                f"config: {allocation.key}.fractions has {len(allocation.fractions)} values, "
+                f"the model prunes {depth} decoder layers"
+            )
 
 
 # ---------------------------------------------------------------- make-like scheduling
@@ -410,12 +466,28 @@ def execute(cfg: RunConfig, stage: str, wildcards: Mapping[str, str] | None = No
         stages.capture_calibration(cfg, model, o["tokens"])
     elif stage == "embed_calibration":
         stages.embed_calibration(cfg, model, i["tokens"], o["inputs"])
+    elif stage == "outliers":
+        stages.outlier_statistics(
+            cfg, model, int(w["layer"]), i["inputs"], o["outliers"], o["outputs"]
+        )
+    elif stage == "allocate":
+        stages.allocate(
+            cfg, model, plan.allocations[w["allocation"]], i.get("outliers"), o["allocation"]
+        )
     elif stage == "hessians":
         stages.compute_hessians(
             cfg, model, w["variant"], int(w["layer"]), i["inputs"], o["hessians"]
         )
     elif stage == "order":
-        stages.compute_order(cfg, model, w["variant"], int(w["layer"]), i["hessians"], o["order"])
+        stages.compute_order(
+            cfg,
+            model,
+            w["variant"],
+            int(w["layer"]),
+            i["hessians"],
+            o["order"],
+            i.get("allocation"),
+        )
     elif stage == "prune":
         stages.prune_layer(
             cfg,
@@ -426,6 +498,7 @@ def execute(cfg: RunConfig, stage: str, wildcards: Mapping[str, str] | None = No
             i.get("order"),
             o["pruned"],
             o["stats"],
+            i.get("allocation"),
         )
     elif stage == "forward":
         layer = int(w["layer"]) - 1

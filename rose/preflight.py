@@ -49,7 +49,7 @@ from typing import Any
 
 from rose import plan as graph
 from rose import resources
-from rose.config import RunConfig
+from rose.config import ConfigError, RunConfig
 from rose.layout import DENSE, RunLayout
 from rose.methods import NEEDS_HESSIAN
 
@@ -674,6 +674,10 @@ class _Sizer:
             return _blocks(self.tokens * 4 + _H5_OVERHEAD)
         if name == "inputs":
             return self.inputs
+        if name == "outputs":  # the dense statistics pass: the next layer's dense inputs
+            return self.inputs
+        if stage in ("outliers", "allocate"):
+            return float(BLOCK)
         if stage == "hessians":
             groups = self.layer(w).groups()
             return _blocks(4 * self.layer(w).hessian_elements + _H5_OVERHEAD + len(groups) * 1024)
@@ -707,6 +711,7 @@ CATEGORIES = {
     ("capture_calibration", "tokens"): "calibration tokens",
     ("embed_calibration", "inputs"): "layer inputs",
     ("forward", "inputs"): "layer inputs",
+    ("outliers", "outputs"): "layer inputs",
     ("hessians", "hessians"): "Hessians",
     ("order", "order"): "order files",
     ("prune", "pruned"): "pruned layers",
@@ -749,6 +754,8 @@ def _gpu_bytes(
         return hess + big.rows * big.cols * (cbytes + 3 * 4 + 1) + 5.0 * 4 * big.cols**2
     if stage == "forward":
         return layer.parameters * cbytes + acts
+    if stage == "outliers":  # the forward, plus column norms and one matrix's scores (float64)
+        return layer.parameters * cbytes + acts + 8.0 * big.rows * big.cols
     if stage in ("evaluate_perplexity", "evaluate_zero_shot"):
         ev = cfg.evaluation
         seqlen = max([p.seqlen for p in ev.perplexity] + [c.seqlen]) if ev else c.seqlen
@@ -806,7 +813,10 @@ def predict(
     readers = graph.consumers(steps)
     pending = {s.key for s in runs}
     variant_of = {
-        path: dict(s.wildcards).get("variant") for s in steps for path in s.outputs.values()
+        # the dense statistics pass keeps its own chain of intermediates, like a variant
+        path: dict(s.wildcards).get("variant") or (DENSE if s.stage == "outliers" else None)
+        for s in steps
+        for path in s.outputs.values()
     }
     shared = layout.inputs(DENSE, 0)
     variant_peak: dict[str, float] = {}
@@ -1223,6 +1233,8 @@ def check(
     try:
         pred = predict(cfg, evaluate=evaluate, report=report)
         free = free_space(cfg.run_dir)
+    except ConfigError:  # the config does not fit this model (a per-layer list's length)
+        raise
     except Exception as exc:  # the stages will say what is wrong with the model, properly
         log.warning("pre-flight skipped: %s", first_line(exc))
         return None

@@ -73,6 +73,36 @@ def layer_inputs_provenance(
     return layer_provenance(cfg, info, "layer-inputs", variant, layer)
 
 
+def dense_inputs_provenance(cfg: RunConfig, info: ModelInfo, layer: int) -> dict[str, Any]:
+    """The dense model's inputs of `layer` (the statistics pass propagates them)."""
+    if layer == 0:
+        return {**calibration_provenance(cfg, info, "layer-inputs"), "layer": 0}
+    return {**calibration_provenance(cfg, info, "dense-inputs"), "layer": layer}
+
+
+def outliers_provenance(cfg: RunConfig, info: ModelInfo, layer: int) -> dict[str, Any]:
+    return _provenance(
+        info,
+        "outliers",
+        layer=layer,
+        config_hash=config_hash(cfg.dense_statistics_provenance()),
+    )
+
+
+def allocation_provenance(cfg: RunConfig, info: ModelInfo, variant: Variant) -> dict[str, Any]:
+    """An allocation file: its settings and target (and, for OWL, the statistics it reads)."""
+    decided_by: dict[str, Any] = {
+        "allocation": variant.allocation.settings(),
+        "target": variant.target,
+        "layers": info.prune_layers,
+    }
+    if variant.allocation.kind == "owl":
+        decided_by["statistics"] = cfg.dense_statistics_provenance()
+    return _provenance(
+        info, "allocation", target=variant.target, config_hash=config_hash(decided_by)
+    )
+
+
 def run_identity(cfg: RunConfig) -> dict[str, Any]:
     """What every artifact of a run depends on: a run directory holds one of these."""
     from rose.config import DEFAULTS

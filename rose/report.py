@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
+from rose.allocation import allocation_label
 from rose.artifacts import atomic_path, atomic_write_text, read_json
 from rose.layout import DENSE
 
@@ -55,6 +56,7 @@ class SummaryRow:
     total_linears: int | None = None
     prune_seconds: float | None = None
     exports: dict[str, dict[str, Any]] = field(default_factory=dict)  # format -> export.json sizes
+    allocation: str | None = None  # 'uniform', 'owl m=5 lambda=0.08', 'layers' (None: dense)
 
 
 # ---------------------------------------------------------------- reading
@@ -95,6 +97,7 @@ def load_row(run_dir: Path, variant: str, manifest: dict[str, Any] | None = None
         record = read_json(record_path)
         row.exports[record.get("format", record_path.parent.name)] = record.get("sizes", {})
     if manifest:
+        row.allocation = allocation_label(manifest.get("allocation"))
         row.achieved_sparsity = manifest.get("achieved_sparsity")
         row.reordered_linears = manifest.get("reordered_linears")
         row.total_linears = manifest.get("total_linears")
@@ -114,7 +117,9 @@ def summary_table(rows: list[SummaryRow]) -> tuple[list[str], list[list[Any]]]:
     ppl_names = sorted({name for r in rows for name in r.perplexity})
     tasks = _unique([f"{task}_{s.metric}" for r in rows for task, s in r.zero_shot.items()])
     has_mean = any(r.zero_shot for r in rows)
-    header = ["variant", "method", "sparsity"]
+    # the allocation column once some variant is not uniform (as columns appear for evaluations)
+    has_allocation = any(r.allocation not in (None, "uniform") for r in rows)
+    header = ["variant", "method", "sparsity"] + (["allocation"] if has_allocation else [])
     header += [f"ppl_{n}" for n in ppl_names] + tasks + (["zero_shot_mean"] if has_mean else [])
     header += ["achieved_sparsity", "reordered_linears", "total_linears", "prune_seconds"]
     formats = sorted({f for r in rows for f in r.exports})
@@ -124,6 +129,7 @@ def summary_table(rows: list[SummaryRow]) -> tuple[list[str], list[list[Any]]]:
     for r in rows:
         scores = {f"{task}_{s.metric}": s.value for task, s in r.zero_shot.items()}
         line: list[Any] = [r.variant, r.method, r.sparsity]
+        line += [r.allocation] if has_allocation else []
         line += [r.perplexity.get(n) for n in ppl_names] + [scores.get(t) for t in tasks]
         line += [r.zero_shot_mean] if has_mean else []
         line += [r.achieved_sparsity, r.reordered_linears, r.total_linears, r.prune_seconds]
@@ -315,7 +321,8 @@ def perplexity_sparsity_figure(rows: list[SummaryRow]) -> Figure | None:
         for r in rows:
             if r.method == DENSE or ":" in r.sparsity or not _finite(r.perplexity.get(name)):
                 continue
-            curves.setdefault(name, {}).setdefault(r.method, []).append(
+            curve = r.method if r.allocation in (None, "uniform") else f"{r.method}, {r.allocation}"
+            curves.setdefault(name, {}).setdefault(curve, []).append(
                 (float(r.sparsity), r.perplexity[name])
             )
     if not any(
@@ -338,6 +345,47 @@ def perplexity_sparsity_figure(rows: list[SummaryRow]) -> Figure | None:
         ax.set_xlabel("sparsity")
         ax.set_ylabel("perplexity")
         ax.legend(fontsize="small")
+    return fig
+
+
+def layer_sparsity_figure(manifests: dict[str, dict[str, Any]]) -> Figure | None:
+    """Sparsity per decoder layer: one line per variant, achieved solid, target dashed.
+
+    Unstructured variants only (an N:M layer's sparsity is fixed by its pattern).
+    Drawn when some variant's allocation is not uniform, where it shows what OWL or a
+    given list did; uniform runs have a flat line per target and no plot.
+    """
+    panels = {
+        v: m
+        for v, m in manifests.items()
+        if m.get("layers") and all(isinstance(e.get("target"), float | int) for e in m["layers"])
+    }
+    if not any(
+        (m.get("allocation") or {}).get("kind", "uniform") != "uniform" for m in panels.values()
+    ):
+        return None
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    targets: set[str] = set()  # a target is shared by every method: one legend entry each
+    for variant, manifest in panels.items():
+        layers = [e["layer"] for e in manifest["layers"]]
+        (line,) = ax.plot(
+            layers, [e["achieved"] for e in manifest["layers"]], marker="o", ms=3, label=variant
+        )
+        target = variant.split("-", 1)[-1]
+        ax.plot(
+            layers,
+            [e["target"] for e in manifest["layers"]],
+            linestyle="--",
+            color=line.get_color(),
+            label="_nolegend_" if target in targets else f"target {target}",
+        )
+        targets.add(target)
+    ax.set_title("sparsity per decoder layer (solid: achieved, dashed: target)")
+    ax.set_xlabel("decoder layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("sparsity of the layer's pruned Linears")
+    ax.legend(fontsize="x-small", ncol=2)
     return fig
 
 
@@ -407,6 +455,7 @@ def build_report(run_dir: Path, variants: list[str], out_dir: Path) -> dict[str,
         "relative_range": relative_range_figure(manifests),
         "reconstruction_error": reconstruction_error_figure(manifests),
         "perplexity_vs_sparsity": perplexity_sparsity_figure(rows),
+        "layer_sparsity": layer_sparsity_figure(manifests),
         "block_loss_heatmap": block_loss_figure(run_dir, manifests),
     }
     plots = []

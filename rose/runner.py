@@ -43,7 +43,7 @@ class RunResult:
 def _timed(cfg: RunConfig, step: graph.Step, result: RunResult, depth: int | None) -> None:
     w = dict(step.wildcards)
     layer = int(w["layer"]) if "layer" in w else None
-    where = f" {w.get('variant') or w.get('model', '')}".rstrip()
+    where = f" {w.get('variant') or w.get('model') or w.get('allocation', '')}".rstrip()
     where += f" {w['metric']}" if "metric" in w else ""
     where += f" layer {layer + 1}/{depth}" if layer is not None and depth else ""
     log.info("stage %s%s", step.stage, where)
@@ -79,7 +79,8 @@ def _run(cfg: RunConfig, evaluate: bool, report: bool, force: bool | None = None
             _timed(cfg, step, result, plan.info.prune_layers)
             pending.discard(step.key)
             # An intermediate goes once no step that still has to run reads it.
-            for path in step.input_paths():
+            # (an intermediate nothing reads, the last dense layer's outputs, goes at once)
+            for path in [*step.input_paths(), *step.temporary]:
                 if path in temporary and not any(r.key in pending for r in readers.get(path, [])):
                     remove_path(path)
     graph.remove_consumed_intermediates(steps)

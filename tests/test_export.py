@@ -695,7 +695,11 @@ def test_model_card_pure_function_cases():
         "prune_seconds": 1.0,
         "reordered_linears": 0,
         "total_linears": 2,
-        "allocation": "owl",
+        "allocation": {"kind": "owl", "name": "owl", "m": 5.0, "lambda": 0.08},
+        "layers": [
+            {"layer": 0, "target": 0.55, "achieved": 0.5, "parameters": 32},
+            {"layer": 1, "target": 0.3, "achieved": 0.25, "parameters": 64},
+        ],
         "linears": {
             "model.layers.0.mlp.up_proj": {
                 "layer": 0,
@@ -715,8 +719,10 @@ def test_model_card_pure_function_cases():
     meta = model_card.parse_front_matter(text)
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "semi-structured-sparsity" in meta["tags"] and "model-index" not in meta
-    assert "| allocation | owl |" in text and "| 2-29 | not pruned |" in text
-    assert "| 1 | 0.2500 | 16 | 64 | 1 | 1 |" in text
+    assert "| allocation | owl m=5 lambda=0.08 |" in text and "| 2-29 | not pruned |" in text
+    # a non-uniform allocation puts each layer's own target beside its zeros
+    assert "| layer | sparsity | target | zero weights |" in text
+    assert "| 1 | 0.2500 | 0.3000 | 16 | 64 | 1 | 1 |" in text
     assert "This variant was not evaluated" in text
     assert model_card.base_model("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
     assert (

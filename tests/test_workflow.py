@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -78,12 +79,23 @@ def test_the_test_config_runs_every_rule(tmp_path):
         timeout=1200,
     )
     assert out.returncode == 0, out.stderr[-4000:]
+    listed = subprocess.run(
+        [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--list-rules"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+    ).stdout.splitlines()
+    listed = [line.split()[0] for line in listed if line.strip()]
+    ran = set(re.findall(r"^(?:local)?rule (\w+):", out.stdout + out.stderr, re.M))
+    assert set(listed) - ran == set(), f"rules that never ran: {set(listed) - ran}"
     run_dir = tmp_path / "results" / "ci-test"
-    variants = [
-        f"{m}-{s}" for m in ("rose", "sparsegpt", "wanda", "magnitude") for s in ("0.5", "2of4")
-    ]
+    methods = ("rose", "sparsegpt", "wanda", "magnitude")
+    variants = [f"{m}-{s}" for m in methods for s in ("0.5", "2of4")]
+    owl = [f"{m}-owl-0.7" for m in methods]
     summary = (run_dir / "report" / "summary.csv").read_text()
-    for model in ["dense", *variants]:
+    assert summary.splitlines()[0].startswith("variant,method,sparsity,allocation,")
+    for model in ["dense", *variants, *owl]:
         assert model in summary
         ppl = json.loads((run_dir / model / "eval" / "perplexity-wiki-tail.json").read_text())
         assert ppl["finite"] and ppl["value"] > 1
@@ -93,4 +105,11 @@ def test_the_test_config_runs_every_rule(tmp_path):
     for variant in variants:
         manifest = json.loads((run_dir / variant / "model" / "pruning.json").read_text())
         assert manifest["pruned_layers"] == 2 and abs(manifest["achieved_sparsity"] - 0.5) < 1e-3
+    fractions = [
+        e["sparsity"]
+        for e in json.loads((run_dir / "allocation" / "owl-0.7.json").read_text())["layers"]
+    ]
+    for variant in owl:
+        manifest = json.loads((run_dir / variant / "model" / "pruning.json").read_text())
+        assert [e["target"] for e in manifest["layers"]] == fractions
     assert not list(run_dir.rglob("inputs.h5")) and not list(run_dir.rglob("hessians.h5"))

@@ -7,6 +7,7 @@ re-exports every stage, so callers write `stages.prune_layer(...)`.
 """
 
 from rose.model_info import prepare_model
+from rose.stages.allocation import allocate, outlier_statistics
 from rose.stages.assemble import assemble_model
 from rose.stages.calibration import capture_calibration, embed_calibration
 from rose.stages.evaluation import build_report, evaluate_perplexity, evaluate_zero_shot
@@ -18,6 +19,8 @@ from rose.stages.layer import (
 )
 
 __all__ = [
+    "allocate",
+    "outlier_statistics",
     "assemble_model",
     "build_report",
     "capture_calibration",

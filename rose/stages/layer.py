@@ -31,18 +31,21 @@ from rose.artifacts import (
     H5Artifact,
     H5StreamWriter,
     atomic_write_json,
+    check_provenance,
     prefetch,
+    read_json,
     read_pruned,
     write_h5,
     write_pruned,
 )
-from rose.config import RunConfig
+from rose.config import RunConfig, Variant
 from rose.device import compute_dtype, resolve_device, storage_dtype
 from rose.hessian import HessianAccumulator, HessianWriter, available_memory
 from rose.methods import NEEDS_HESSIAN, prune_weight, reconstruction_error
 from rose.model_info import ModelInfo, open_model
 from rose.ordering import Ordering, rose_order
-from rose.provenance import layer_inputs_provenance, layer_provenance
+from rose.provenance import allocation_provenance, layer_inputs_provenance, layer_provenance
+from rose.sparsity import Sparsity
 from rose.stages.calibration import HIDDEN
 
 log = logging.getLogger("rose")
@@ -268,10 +271,15 @@ def _hessian_pass(
     expected,
     stage,
     total,
-) -> dict[str, HessianAccumulator]:
+    make_accumulator=HessianAccumulator,
+    on_output=None,
+) -> dict[str, Any]:
     """One pass of the calibration inputs through the dense layer, accumulating `groups`' Hessians
-    (the routed experts in `chunk`, counting their routed tokens into `routed`)."""
-    accumulators = {g[0]: HessianAccumulator(widths[g[0]], device=device) for g in groups}
+    (the routed experts in `chunk`, counting their routed tokens into `routed`).
+
+    `make_accumulator(columns, device=...)` collects something else from the same inputs (the
+    OWL pass: column norms); `on_output(batch)` receives the layer's outputs."""
+    accumulators = {g[0]: make_accumulator(widths[g[0]], device=device) for g in groups}
     hooks = []
     for group in groups:
         unit = units.units[group[0]]
@@ -308,7 +316,11 @@ def _hessian_pass(
     try:
         with torch.no_grad():
             for batch in batches:
-                family.layer_forward(module, config, torch.from_numpy(batch).to(device, dtype))
+                out = family.layer_forward(
+                    module, config, torch.from_numpy(batch).to(device, dtype)
+                )
+                if on_output is not None:
+                    on_output(out)
                 done += batch.shape[0]
                 _log_progress(stage, done, total, started)
     finally:
@@ -387,6 +399,30 @@ class _Hessians:
         self.close()
 
 
+def layer_sparsity(
+    cfg: RunConfig,
+    info: ModelInfo,
+    variant: Variant,
+    layer: int,
+    allocation_json: str | Path | None,
+) -> Sparsity:
+    """The target of one layer: the variant's own, or its entry in allocation.json."""
+    if variant.allocation.is_uniform:
+        return variant.sparsity
+    if allocation_json is None:
+        raise ArtifactError(f"{variant.name} layer {layer}: its allocation file was not given")
+    record = read_json(allocation_json)
+    check_provenance(
+        Path(allocation_json),
+        record.get("provenance", {}),
+        allocation_provenance(cfg, info, variant),
+    )
+    layers = record.get("layers", [])
+    if layer >= len(layers):
+        raise ArtifactError(f"{allocation_json}: no entry for layer {layer}")
+    return Sparsity(fraction=float(layers[layer]["sparsity"]))
+
+
 def compute_order(
     cfg: RunConfig,
     model_json: str | Path,
@@ -394,10 +430,12 @@ def compute_order(
     layer: int,
     hessians_h5: str | Path,
     out_h5: str | Path,
+    allocation_json: str | Path | None = None,
 ) -> None:
     """ROSE's column/block losses, relative range, columnar flag and permutation per unit."""
     info = ModelInfo.load(model_json)
     variant = cfg.variant(variant_name)
+    sparsity = layer_sparsity(cfg, info, variant, layer, allocation_json)
     device = resolve_device(cfg.device)
     checkpoint, fam = open_model(info)
     units = layer_units(cfg, checkpoint, fam, layer)
@@ -412,7 +450,7 @@ def compute_order(
             order = rose_order(
                 weight,
                 hessian,
-                variant.sparsity,
+                sparsity,
                 cfg.prune.blocksize,
                 cfg.prune.threshold,
                 reorder,
@@ -488,10 +526,12 @@ def prune_layer(
     order_h5: str | Path | None,
     out_safetensors: str | Path,
     out_stats: str | Path,
+    allocation_json: str | Path | None = None,
 ) -> dict[str, Any]:
     """Prune every unit of one layer; write its weights (in the checkpoint's layout) and per-unit stats."""
     info = ModelInfo.load(model_json)
     variant = cfg.variant(variant_name)
+    sparsity = layer_sparsity(cfg, info, variant, layer, allocation_json)
     device = resolve_device(cfg.device)
     checkpoint, fam = open_model(info)
     units = layer_units(cfg, checkpoint, fam, layer)
@@ -515,7 +555,7 @@ def prune_layer(
                 variant.method,
                 weight,
                 hessian,
-                variant.sparsity,
+                sparsity,
                 cfg.prune,
                 what=f"layer {layer} {name}",
                 ordering=orders.get(name),
@@ -553,8 +593,14 @@ def prune_layer(
     # The sweep's float32 matmuls round differently with another thread count or device, so the
     # bytes are reproducible for the same (device, threads): recorded with every layer.
     numerics = {"device": str(device), "torch_threads": torch.get_num_threads()}
-    atomic_write_json(out_stats, {"provenance": provenance, "numerics": numerics, "linears": stats})
+    record = {"provenance": provenance, "numerics": numerics, "target": _target(sparsity)}
+    atomic_write_json(out_stats, {**record, "linears": stats})
     return stats
+
+
+def _target(sparsity: Sparsity) -> float | str:
+    """A layer's target as recorded: the fraction, or the N:M pattern."""
+    return str(sparsity) if sparsity.is_nm else sparsity.fraction
 
 
 def _expert_stats(

@@ -46,6 +46,7 @@ wildcard_constraints:
     model=_alternatives(PLAN.models),
     metric=_alternatives(PLAN.metrics),
     format=_alternatives(PLAN.formats),
+    allocation=_alternatives(PLAN.allocations),
     layer=r"\d+",
 
 
@@ -57,7 +58,7 @@ def preflight_check():
 
     try:
         preflight.check(CFG, "snakemake", echo=print)
-    except preflight.PreflightError as exc:
+    except (preflight.PreflightError, ConfigError) as exc:
         raise WorkflowError(str(exc)) from None
 
 
@@ -76,7 +77,12 @@ def plan_outputs(stage):
 def planned_info():
     """model.json comes from a checkpoint: the depth is known only once it exists."""
     path = checkpoints.prepare_model.get().output[0]
-    return ModelInfo.load(path)
+    info = ModelInfo.load(path)
+    try:  # a per-layer list must match the model's depth, known from here on
+        graph.check_allocation_lengths(CFG, info.prune_layers)
+    except ConfigError as exc:
+        raise WorkflowError(str(exc)) from None
+    return info
 
 
 def plan_inputs(stage):
