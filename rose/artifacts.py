@@ -285,12 +285,18 @@ def _attrs_checksum(values: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+# HDF5 has no bfloat16: such tensors are stored as their raw 16-bit words, tagged with this
+# dataset attribute, and `H5Artifact.iter_tensors` gives them back as bfloat16, bit for bit.
+WORDS_OF = "torch_dtype"
+
+
 class H5StreamWriter:
     """Write one large dataset slice by slice (hidden states), atomically.
 
     Slices must arrive in order along the first axis; the checksum is computed
     as they pass, so it equals `tensor_checksum` of the whole array without
-    ever holding it in memory.
+    ever holding it in memory. `dtype` "bfloat16" stores bfloat16 tensors as
+    their raw words (half of float32 on disk, nothing rounded).
     """
 
     def __init__(
@@ -298,14 +304,15 @@ class H5StreamWriter:
         path: str | Path,
         name: str,
         shape: tuple[int, ...],
-        dtype: np.dtype,
+        dtype: np.dtype | str,
         attrs: Mapping[str, Any],
         chunk_bytes: int = 4 << 20,
     ):
         self.path = Path(path)
         self.name = name
         self.shape = shape
-        self.dtype = np.dtype(dtype)
+        self.words = dtype == "bfloat16"
+        self.dtype = np.dtype(np.uint16) if self.words else np.dtype(dtype)
         self.attrs = dict(attrs)
         self.chunk_bytes = chunk_bytes
         self._written = 0
@@ -325,11 +332,18 @@ class H5StreamWriter:
         self._dset = self._fh.create_dataset(
             self.name, shape=self.shape, dtype=self.dtype, chunks=_chunks(probe, self.chunk_bytes)
         )
+        if self.words:
+            self._dset.attrs[WORDS_OF] = "bfloat16"
         self._hash = hashlib.sha256()
         return self
 
     def write(self, block: np.ndarray | torch.Tensor) -> None:
-        array = _to_numpy(block).astype(self.dtype, copy=False)
+        if self.words:
+            if not (isinstance(block, torch.Tensor) and block.dtype == torch.bfloat16):
+                raise TypeError(f"{self.path}: a bfloat16 dataset takes bfloat16 tensors")
+            array = block.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
+        else:
+            array = _to_numpy(block).astype(self.dtype, copy=False)
         end = self._written + array.shape[0]
         if end > self.shape[0]:
             raise ValueError(
@@ -445,6 +459,23 @@ class H5Artifact:
             raise ArtifactError(
                 f"{self.path}: checksum mismatch in '{name}' (corrupt file); delete it and rerun"
             )
+
+    def iter_tensors(self, name: str, batch: int) -> Iterator[torch.Tensor]:
+        """`iter_batches` as torch tensors; datasets of bfloat16 words come back as bfloat16."""
+        dset, _ = self._dataset(name)
+        words = _normalise(dset.attrs.get(WORDS_OF))
+        if words not in (None, "bfloat16"):
+            raise ArtifactError(
+                f"{self.path}: dataset '{name}' claims words of {words!r}; delete it and rerun"
+            )
+        if words is None and dset.dtype == np.uint16:
+            raise ArtifactError(
+                f"{self.path}: dataset '{name}' holds 16-bit words without their dtype; "
+                "delete it and rerun"
+            )
+        for array in self.iter_batches(name, batch):
+            tensor = torch.from_numpy(array)
+            yield tensor.view(torch.int16).view(torch.bfloat16) if words else tensor
 
     def group_attrs(self, group: str) -> dict[str, Any]:
         """A group's attributes, verified against the checksum written with them."""

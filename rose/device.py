@@ -37,6 +37,9 @@ def compute_dtype(cfg: RunConfig, info: ModelInfo, device: torch.device) -> torc
     return getattr(torch, info.dtype) if info.dtype in ("float16", "bfloat16") else torch.float32
 
 
-def storage_dtype(dtype: torch.dtype) -> np.dtype:
-    """HDF5 has no bfloat16; fp16 stays fp16, everything else is stored as fp32."""
+def storage_dtype(dtype: torch.dtype) -> np.dtype | str:
+    """Layer inputs are stored in the compute dtype: fp16 as fp16, bfloat16 as its raw 16-bit
+    words ("bfloat16": HDF5 has no such type), everything else as fp32."""
+    if dtype == torch.bfloat16:
+        return "bfloat16"
     return np.dtype(np.float16) if dtype == torch.float16 else np.dtype(np.float32)

@@ -147,3 +147,45 @@ def test_pruned_layer_without_provenance_is_refused(tmp_path):
     save_file(_pruned(), str(path))
     with pytest.raises(ArtifactError, match="no provenance key"):
         read_pruned(path, PRUNED)
+
+
+def test_bfloat16_layer_inputs_are_stored_as_raw_words_and_read_back_bit_for_bit(tmp_path):
+    """HDF5 has no bfloat16: its words are stored (half of float32), tagged, and decoded on read."""
+    import torch
+
+    torch.manual_seed(0)
+    hidden = (torch.randn(5, 3, 64) * 100).to(torch.bfloat16)
+    hidden[0, 0, :4] = torch.tensor([float("inf"), -0.0, 1e-40, -3.0e38])  # odd values survive too
+    paths = {}
+    for dtype, block in (("bfloat16", hidden), (np.float32, hidden.float())):
+        paths[str(dtype)] = path = tmp_path / f"{dtype}.h5"
+        with H5StreamWriter(path, "hidden", tuple(hidden.shape), dtype, PROVENANCE) as stream:
+            for start in range(0, 5, 2):
+                stream.write(block[start : start + 2])
+    with H5Artifact(paths["bfloat16"], PROVENANCE) as art:
+        back = torch.cat(list(art.iter_tensors("hidden", 2)))
+        assert art.dataset_attrs("hidden")["torch_dtype"] == "bfloat16"
+    assert back.dtype == torch.bfloat16
+    assert torch.equal(back.view(torch.int16), hidden.view(torch.int16))
+    with H5Artifact(paths["<class 'numpy.float32'>"], PROVENANCE) as art:
+        assert torch.cat(list(art.iter_tensors("hidden", 2))).dtype == torch.float32
+    with (
+        h5py.File(paths["bfloat16"], "r") as words,
+        h5py.File(paths["<class 'numpy.float32'>"], "r") as floats,
+    ):
+        assert words["hidden"].dtype == np.uint16
+        assert words["hidden"].id.get_storage_size() * 2 == floats["hidden"].id.get_storage_size()
+    # words without their tag would be read as numbers: refused instead
+    with h5py.File(paths["bfloat16"], "a") as fh:
+        del fh["hidden"].attrs["torch_dtype"]
+    with (
+        H5Artifact(paths["bfloat16"], PROVENANCE) as art,
+        pytest.raises(ArtifactError, match="16-bit words without their dtype"),
+    ):
+        next(art.iter_tensors("hidden", 2))
+    with (
+        pytest.raises(TypeError, match="takes bfloat16 tensors"),
+        H5StreamWriter(tmp_path / "x.h5", "hidden", (1, 2), "bfloat16", PROVENANCE) as stream,
+    ):
+        stream.write(np.zeros((1, 2), dtype=np.float32))
+    assert not (tmp_path / "x.h5").exists()

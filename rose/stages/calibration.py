@@ -57,4 +57,4 @@ def embed_calibration(
         for start in range(0, n, cfg.calibration.batch_size):
             batch = tokens[start : start + cfg.calibration.batch_size]
             hidden = family.embed(weight, batch, fam)
-            writer.write(hidden.float() if dtype == torch.bfloat16 else hidden)
+            writer.write(hidden)
