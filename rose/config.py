@@ -168,12 +168,17 @@ class RunConfig:
         """The outlier thresholds the dense statistics pass measures (one pass for all)."""
         return tuple(sorted({a.m for a in self.allocations if a.kind == OWL}))
 
-    def dense_statistics_provenance(self) -> dict[str, Any]:
-        """What decides the dense pass's outlier statistics (shared by every OWL variant)."""
-        out = {**self.calibration_provenance(), "owl_m": list(self.owl_m_values)}
+    def shared_layer_provenance(self) -> dict[str, Any]:
+        """What decides the dense layer's statistics on the shared calibration inputs (layer 0's
+        Hessians, every layer's outlier statistics): the calibration, and how experts see it."""
+        out = dict(self.calibration_provenance())
         if self.raw["moe"] != DEFAULTS["moe"]:
             out["moe"] = self.raw["moe"]
         return out
+
+    def dense_statistics_provenance(self) -> dict[str, Any]:
+        """What decides the dense pass's outlier statistics (shared by every OWL variant)."""
+        return {**self.shared_layer_provenance(), "owl_m": list(self.owl_m_values)}
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:

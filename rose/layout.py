@@ -50,6 +50,17 @@ class RunLayout:
         return self.layer_dir(variant, layer) / "inputs.h5"
 
     def hessians(self, variant: str, layer: int) -> Path:
+        """Layer 0's Hessians (the dense layer on the shared embeddings) are shared too."""
+        if layer == 0:
+            return self.shared_hessians
+        return self.variant_hessians(variant, layer)
+
+    @property
+    def shared_hessians(self) -> Path:
+        return self.run_dir / "calib" / "hessians.h5"
+
+    def variant_hessians(self, variant: str, layer: int | str) -> Path:
+        """A layer >= 1's Hessians: from the variant's own (pruned-upstream) inputs."""
         return self.layer_dir(variant, layer) / "hessians.h5"
 
     def order(self, variant: str, layer: int) -> Path:

@@ -59,6 +59,14 @@ STAGES: dict[str, Stage] = {
             frozenset({"inputs"}),
             gpu=True,
         ),
+        # Layer 0's Hessians: the dense layer on the shared embeddings, the same for every variant.
+        Stage(
+            "shared_hessians",
+            (),
+            lambda L, w: {"hessians": L.shared_hessians},
+            frozenset({"hessians"}),
+            gpu=True,
+        ),
         # OWL's dense statistics pass: the dense layer on the dense inputs, measuring its
         # outliers; its outputs are the next layer's dense inputs (the last layer's go unread).
         Stage(
@@ -80,7 +88,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "hessians",
             ("variant", "layer"),
-            lambda L, w: {"hessians": L.hessians(w["variant"], _layer(w))},
+            lambda L, w: {"hessians": L.variant_hessians(w["variant"], _layer(w))},
             frozenset({"hessians"}),
             gpu=True,
         ),
@@ -248,6 +256,8 @@ class Plan:
         inputs: dict[str, PathSet] = {"model": L.model_json}
         if stage == "embed_calibration":
             inputs["tokens"] = L.tokens
+        elif stage == "shared_hessians":
+            inputs["inputs"] = L.inputs(DENSE, 0)
         elif stage == "outliers":
             inputs["inputs"] = L.inputs(DENSE, int(wildcards["layer"]))
         elif stage == "allocate":
@@ -322,7 +332,7 @@ class Plan:
         method = self.variants[variant].method
         depth = self._depth()
         for layer in range(depth):
-            if method in NEEDS_HESSIAN:
+            if method in NEEDS_HESSIAN and layer > 0:  # layer 0's: shared_hessians
                 yield self.step("hessians", variant=variant, layer=layer)
             if method in NEEDS_ORDER:
                 yield self.step("order", variant=variant, layer=layer)
@@ -338,6 +348,8 @@ class Plan:
             self.step("capture_calibration"),
             self.step("embed_calibration"),
         ]
+        if any(v.method in NEEDS_HESSIAN for v in self.variants.values()):
+            out.append(self.step("shared_hessians"))
         if self.uses_outliers:
             out += [self.step("outliers", layer=i) for i in range(self._depth())]
         out += [self.step("allocate", allocation=t) for t in self.allocations]
@@ -466,6 +478,8 @@ def execute(cfg: RunConfig, stage: str, wildcards: Mapping[str, str] | None = No
         stages.capture_calibration(cfg, model, o["tokens"])
     elif stage == "embed_calibration":
         stages.embed_calibration(cfg, model, i["tokens"], o["inputs"])
+    elif stage == "shared_hessians":
+        stages.compute_hessians(cfg, model, None, 0, i["inputs"], o["hessians"])
     elif stage == "outliers":
         stages.outlier_statistics(
             cfg, model, int(w["layer"]), i["inputs"], o["outliers"], o["outputs"]

@@ -678,9 +678,10 @@ class _Sizer:
             return self.inputs
         if stage in ("outliers", "allocate"):
             return float(BLOCK)
-        if stage == "hessians":
-            groups = self.layer(w).groups()
-            return _blocks(4 * self.layer(w).hessian_elements + _H5_OVERHEAD + len(groups) * 1024)
+        if stage in ("hessians", "shared_hessians"):
+            layer = self.layer(w) if "layer" in w else self.shape.layers[0]
+            groups = layer.groups()
+            return _blocks(4 * layer.hessian_elements + _H5_OVERHEAD + len(groups) * 1024)
         if stage == "order":
             cfgb = self.cfg.prune.blocksize
             total = _H5_OVERHEAD
@@ -713,6 +714,7 @@ CATEGORIES = {
     ("forward", "inputs"): "layer inputs",
     ("outliers", "outputs"): "layer inputs",
     ("hessians", "hessians"): "Hessians",
+    ("shared_hessians", "hessians"): "Hessians",
     ("order", "order"): "order files",
     ("prune", "pruned"): "pruned layers",
     ("assemble", "model_dir"): "reassembled models",
@@ -745,7 +747,7 @@ def _gpu_bytes(
     big = max(layer.linears, key=lambda x: x.rows * x.cols + x.cols**2)
     if stage == "embed_calibration":
         return shape.embedding_parameters * cbytes + 2 * batch_tokens * h * cbytes
-    if stage == "hessians":
+    if stage in ("hessians", "shared_hessians"):
         widest_in = max(lin.cols for lin in layer.linears)
         return layer.parameters * cbytes + acts + hess + batch_tokens * widest_in * 4
     if stage == "order":
@@ -872,11 +874,17 @@ def predict(
     # Snakemake: everything kept at the end, the shared layer-0 inputs while any variant still
     # reads them, and every variant's largest set of intermediates at once; plus one log per job.
     logs = _LOG * len(runs)
-    shared_needed = any(r.key in need for r in readers.get(shared, [])) and (
-        shared in present or any(s.stage == "embed_calibration" for s in runs)
-    )
     state = dict(present)
-    extra = [("shared inputs", sizer.inputs)] if shared_needed and shared not in state else []
+    extra = []
+    for path, name, producer in (
+        (shared, "shared inputs", "embed_calibration"),
+        (layout.shared_hessians, "shared layer-0 Hessians", "shared_hessians"),
+    ):
+        needed = any(r.key in need for r in readers.get(path, [])) and (
+            path in present or any(s.stage == producer for s in runs)
+        )
+        if needed and path not in state and path in sizes:
+            extra.append((name, sizes[path]))
     transient = [(v, t) for v, t in variant_peak.items() if t > 0]
     snake_total = final + sum(s for _, s in extra) + sum(t for _, t in transient) + logs
     parts = _tally((category.get(p, "small files"), s) for p, s in state.items())
@@ -915,6 +923,7 @@ def predict(
         row.jobs += 1
         row.to_run += step.stage == "report" or step.key in need
         row.writes += sum(sizes[p] for p in step.outputs.values())
+    rows = {name: rows[name] for name in graph.STAGES if name in rows}  # in pipeline order
     for row in rows.values():
         row.writes /= max(row.jobs, 1)
         if row.stage == "prepare_model":
@@ -1059,8 +1068,9 @@ def _describe(category: str, files: int, total: float, pred: Prediction) -> str:
             else f"{human(each)} of layer inputs and Hessians"
         )
         return f"{files} variants x {what}"
-    if category == "shared inputs":
-        return f"the shared layer-0 inputs of {human(total)}"
+    if category in ("shared inputs", "shared layer-0 Hessians"):
+        what = "inputs" if category == "shared inputs" else "Hessians"
+        return f"the shared layer-0 {what} of {human(total)}"
     if category == "model copy":
         return f"the converted model copy of {human(total)}"
     if category in ("small files", "order files", "calibration tokens"):

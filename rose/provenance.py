@@ -64,6 +64,19 @@ def layer_provenance(
     )
 
 
+def hessians_provenance(
+    cfg: RunConfig, info: ModelInfo, variant: Variant | None, layer: int
+) -> dict[str, Any]:
+    """Layer 0's Hessians come from the shared embeddings through the dense layer: one file
+    for every variant. Later layers' belong to one variant (their inputs are its own)."""
+    if layer == 0:
+        return _provenance(
+            info, "hessians", layer=0, config_hash=config_hash(cfg.shared_layer_provenance())
+        )
+    assert variant is not None
+    return layer_provenance(cfg, info, "hessians", variant, layer)
+
+
 def layer_inputs_provenance(
     cfg: RunConfig, info: ModelInfo, variant: Variant, layer: int
 ) -> dict[str, Any]:

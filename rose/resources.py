@@ -49,6 +49,7 @@ DEFAULT_THREADS: Mapping[str, int] = MappingProxyType(
         "prepare_model": 4,
         "capture_calibration": 2,
         "embed_calibration": 4,
+        "shared_hessians": 4,
         "outliers": 4,
         "allocate": 1,
         "hessians": 4,
@@ -290,6 +291,7 @@ def stage_estimate(
         "prepare_model": 6 * 1024 * _MB,  # streams shards; GGUF sources are small
         "capture_calibration": 1024 * _MB,
         "embed_calibration": 2 * acts + params / size["num_layers"] * dbytes,
+        "shared_hessians": 2 * weights32 + acts + hess,
         "outliers": 3 * weights32 + 2 * acts,
         "allocate": 256 * _MB,
         "hessians": 2 * weights32 + acts + hess,
@@ -309,6 +311,8 @@ def stage_estimate(
         "outliers": fwd_flops / _FLOPS[kind] + 3 * acts / _IO_RATE + 2 * layer * dbytes / _IO_RATE,
         "allocate": 5.0,
         "hessians": (fwd_flops + tokens * fig["hessian_token_flops"]) / _FLOPS[kind]
+        + 2 * acts / _IO_RATE,
+        "shared_hessians": (fwd_flops + tokens * fig["hessian_token_flops"]) / _FLOPS[kind]
         + 2 * acts / _IO_RATE,
         "order": sweep_flops / _FLOPS[kind] + 2 * hess / _IO_RATE,
         "prune": 2 * sweep_flops / _FLOPS[kind] + 2 * hess / _IO_RATE,

@@ -55,12 +55,14 @@ def _touch(path: Path) -> None:
 def test_step_counts_per_stage(tmp_path):
     plan = graph.Plan(_cfg(tmp_path), _info())
     counts = Counter(s.stage for s in plan.steps())
-    # rose: hessians+order+prune per layer, forward for layers 1..3; wanda: no order; magnitude: prune only
+    # rose: hessians+order+prune per layer, forward for layers 1..3; wanda: no order; magnitude:
+    # prune only; layer 0's Hessians once for every variant
     assert counts == {
         "prepare_model": 1,
         "capture_calibration": 1,
         "embed_calibration": 1,
-        "hessians": 2 * 2 * DEPTH,
+        "shared_hessians": 1,
+        "hessians": 2 * 2 * (DEPTH - 1),
         "order": 2 * DEPTH,
         "prune": 3 * 2 * DEPTH,
         "forward": 2 * 2 * (DEPTH - 1),
@@ -94,17 +96,27 @@ def test_snakemake_patterns_are_the_concrete_paths(tmp_path):
         )
 
 
-def test_layer0_inputs_are_shared_and_later_inputs_are_per_variant(tmp_path):
+def test_layer0_inputs_and_hessians_are_shared_and_later_ones_are_per_variant(tmp_path):
     plan = graph.Plan(_cfg(tmp_path), _info())
     L = RunLayout(plan.cfg.run_dir)
-    assert (
-        plan.inputs("hessians", {"variant": "rose-0.5", "layer": "0"})["inputs"]
-        == L.run_dir / "calib" / "inputs.h5"
-    )
-    assert (
-        plan.inputs("hessians", {"variant": "wanda-0.5", "layer": "0"})["inputs"]
-        == L.run_dir / "calib" / "inputs.h5"
-    )
+    shared = plan.step("shared_hessians")
+    assert shared.inputs["inputs"] == L.run_dir / "calib" / "inputs.h5"
+    assert shared.outputs["hessians"] == L.run_dir / "calib" / "hessians.h5"
+    for variant in ("rose-0.5", "rose-2of4", "wanda-0.5"):
+        for stage in ("order", "prune") if variant != "wanda-0.5" else ("prune",):
+            inputs = plan.inputs(stage, {"variant": variant, "layer": "0"})
+            assert inputs["hessians"] == shared.outputs["hessians"]
+        assert plan.inputs(stage, {"variant": variant, "layer": "1"})["hessians"] == (
+            L.layer_dir(variant, 1) / "hessians.h5"
+        )
+    assert not [
+        s for s in plan.steps() if s.stage == "hessians" and dict(s.wildcards)["layer"] == "0"
+    ]
+    # the shared file is an intermediate: it goes once every variant's layer 0 has read it
+    readers = graph.consumers(plan.steps())[shared.outputs["hessians"]]
+    assert {dict(r.wildcards)["variant"] for r in readers} == {
+        v for v in plan.variants if not v.startswith("magnitude")
+    }
     forward = plan.step("forward", variant="rose-0.5", layer=2)
     assert forward.inputs["inputs"] == L.layer_dir("rose-0.5", 1) / "inputs.h5"
     assert forward.inputs["pruned"] == L.pruned("rose-0.5", 1)

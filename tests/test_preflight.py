@@ -251,12 +251,15 @@ def test_job_counts_are_the_plans(tmp_path, tiny_llama_dir, tiny_text_file):
     assert after.source.parameters == before.shape.parameters  # the headers' count is the config's
 
 
-def test_seventy_b_paper_sweep_is_4809_jobs(tmp_path):
+def test_seventy_b_paper_sweep_is_4795_jobs(tmp_path):
     cfg = _paper(tmp_path, _config_dir(tmp_path, "llama2-70b"))
     prediction = preflight.predict(cfg, evaluate=False)
     jobs = {r.stage: r.jobs for r in prediction.rows.values()}
-    assert sum(jobs.values()) == 4809  # the issue's count: 20 variants x 80 layers
-    assert jobs["prune"] == 20 * 80 and jobs["hessians"] == 15 * 80 and jobs["forward"] == 15 * 79
+    # the issue's 4,809 (20 variants x 80 layers), less 14: layer 0's Hessians are made once
+    # for the 15 variants that need Hessians
+    assert sum(jobs.values()) == 4809 - 14
+    assert jobs["prune"] == 20 * 80 and jobs["forward"] == 15 * 79
+    assert jobs["hessians"] == 15 * 79 and jobs["shared_hessians"] == 1
 
 
 # ---------------------------------------------------------------- sizes of the paper sweep
@@ -280,8 +283,11 @@ def test_seventy_b_layer_inputs_and_disk_peaks(tmp_path):
     assert cpu.final == pytest.approx(20 * (model + linears), rel=0.01)
     assert cpu.final / GB > 5000
     # Snakemake may hold every variant's two layers' inputs at once (15 variants read inputs),
-    # plus the shared layer-0 inputs; the runner one variant's at a time (gone by the end).
-    assert cpu.snakemake.total - cpu.final == pytest.approx(31 * cpu.layer_inputs, rel=0.01)
+    # plus the shared layer-0 inputs and Hessians; the runner one variant's at a time (gone by
+    # the end).
+    assert cpu.snakemake.total - cpu.final == pytest.approx(
+        31 * cpu.layer_inputs + cpu.hessians, rel=0.01
+    )
     assert cpu.runner.total == pytest.approx(cpu.final, rel=1e-6)
 
 
@@ -367,7 +373,7 @@ def test_cli_plan_prints_the_table_and_exits_1_on_a_shortfall(tmp_path, monkeypa
     _small_disk(monkeypatch, 200 * GB)
     assert main(["plan", "--config", str(config)]) == 1
     out, err = capsys.readouterr()
-    assert "hessians" in out and "peak, Snakemake" in out and "4,809" in out
+    assert "hessians" in out and "peak, Snakemake" in out and "4,795" in out
     assert err.count("\n") == 1 and err.startswith("rose: error: ") and "200 GB free" in err
     assert main(["plan", "--config", str(config), "--force"]) == 0
     assert "rose: warning: " in capsys.readouterr().err

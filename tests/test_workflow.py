@@ -87,7 +87,7 @@ def test_the_test_config_runs_every_rule(tmp_path):
         check=True,
     ).stdout.splitlines()
     listed = [line.split()[0] for line in listed if line.strip()]
-    ran = set(re.findall(r"^(?:local)?rule (\w+):", out.stdout + out.stderr, re.M))
+    ran = set(re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):", out.stdout + out.stderr, re.M))
     assert set(listed) - ran == set(), f"rules that never ran: {set(listed) - ran}"
     run_dir = tmp_path / "results" / "ci-test"
     methods = ("rose", "sparsegpt", "wanda", "magnitude")

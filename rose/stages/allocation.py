@@ -75,7 +75,7 @@ def outlier_statistics(
         def write(out: torch.Tensor) -> None:
             if not bool(torch.isfinite(out).all()):
                 raise ValueError(f"layer {layer}: the dense layer's outputs contain NaN/Inf")
-            writer.write(out.float() if dtype == torch.bfloat16 else out)
+            writer.write(out)
 
         norms = _hessian_pass(
             cfg,

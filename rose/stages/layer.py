@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from rose import family
@@ -44,7 +43,12 @@ from rose.hessian import HessianAccumulator, HessianWriter, available_memory
 from rose.methods import NEEDS_HESSIAN, prune_weight, reconstruction_error
 from rose.model_info import ModelInfo, open_model
 from rose.ordering import Ordering, rose_order
-from rose.provenance import allocation_provenance, layer_inputs_provenance, layer_provenance
+from rose.provenance import (
+    allocation_provenance,
+    hessians_provenance,
+    layer_inputs_provenance,
+    layer_provenance,
+)
 from rose.sparsity import Sparsity
 from rose.stages.calibration import HIDDEN
 
@@ -87,10 +91,11 @@ def read_unit(checkpoint, prefix: str, unit: family.Unit) -> torch.Tensor:
     return checkpoint.read_slice(prefix + unit.tensor, unit.index, unit.rows)
 
 
-def _layer_context(cfg: RunConfig, model_json: str | Path, variant_name: str):
-    """What a stage that runs a decoder layer needs: model info, variant, device, dtype, weights, family."""
+def _layer_context(cfg: RunConfig, model_json: str | Path, variant_name: str | None):
+    """What a stage that runs a decoder layer needs: model info, variant (None: the dense
+    layer on the shared inputs), device, dtype, weights, family."""
     info = ModelInfo.load(model_json)
-    variant = cfg.variant(variant_name)
+    variant = cfg.variant(variant_name) if variant_name is not None else None
     device = resolve_device(cfg.device)
     dtype = compute_dtype(cfg, info, device)
     checkpoint, fam = open_model(info)
@@ -115,9 +120,9 @@ def _layer_module(
 
 def _hidden_batches(
     path: Path, expected: dict[str, Any], batch: int
-) -> tuple[H5Artifact, Iterator[np.ndarray]]:
+) -> tuple[H5Artifact, Iterator[torch.Tensor]]:
     artifact = H5Artifact(path, expected)
-    return artifact, prefetch(artifact.iter_batches(HIDDEN, batch))
+    return artifact, prefetch(artifact.iter_tensors(HIDDEN, batch))
 
 
 def _log_progress(stage: str, done: int, total: int, started: float) -> None:
@@ -178,7 +183,7 @@ def _expert_passes(
 def compute_hessians(
     cfg: RunConfig,
     model_json: str | Path,
-    variant_name: str,
+    variant_name: str | None,
     layer: int,
     inputs_h5: str | Path,
     out_h5: str | Path,
@@ -193,6 +198,8 @@ def compute_hessians(
     device's free memory), the calibration inputs are run through the layer once per
     group of experts that fits, and each group's Hessians are written to the
     artifact and freed before the next. Returns {"passes", "experts_per_pass"}.
+
+    Layer 0 (`variant_name` None) reads the shared embeddings: one file serves every variant.
     """
     info, variant, device, dtype, checkpoint, fam = _layer_context(cfg, model_json, variant_name)
     settings = moe_settings(cfg)
@@ -220,7 +227,7 @@ def compute_hessians(
             len(passes[0]),
         )
     total_bytes = sum(4 * widths[g[0]] ** 2 for g in units.groups)
-    provenance = layer_provenance(cfg, info, "hessians", variant, layer)
+    provenance = hessians_provenance(cfg, info, variant, layer)
     routed = [0] * units.num_experts
     with HessianWriter(out_h5, provenance, total_bytes) as writer:
         for number, chunk in enumerate(passes):
@@ -316,9 +323,7 @@ def _hessian_pass(
     try:
         with torch.no_grad():
             for batch in batches:
-                out = family.layer_forward(
-                    module, config, torch.from_numpy(batch).to(device, dtype)
-                )
+                out = family.layer_forward(module, config, batch.to(device, dtype))
                 if on_output is not None:
                     on_output(out)
                 done += batch.shape[0]
@@ -442,7 +447,7 @@ def compute_order(
     prefix = fam.layer_prefix.format(index=layer)
     reorder = cfg.prune.reorder if variant.method == "rose" else "never"
     datasets, group_attrs = {}, {}
-    expected = layer_provenance(cfg, info, "hessians", variant, layer)
+    expected = hessians_provenance(cfg, info, variant, layer)
     with _Hessians(hessians_h5, expected, device) as hessians:
         for name in units.names():
             weight = read_unit(checkpoint, prefix, units.units[name]).to(device)
@@ -537,7 +542,7 @@ def prune_layer(
     units = layer_units(cfg, checkpoint, fam, layer)
     needs_hessian = variant.method in NEEDS_HESSIAN
     hessians = (
-        _Hessians(hessians_h5, layer_provenance(cfg, info, "hessians", variant, layer), device)
+        _Hessians(hessians_h5, hessians_provenance(cfg, info, variant, layer), device)
         if needs_hessian
         else None
     )
@@ -657,12 +662,10 @@ def forward_layer(
             torch.no_grad(),
         ):
             for batch in batches:
-                out = family.layer_forward(
-                    module, checkpoint.config, torch.from_numpy(batch).to(device, dtype)
-                )
+                out = family.layer_forward(module, checkpoint.config, batch.to(device, dtype))
                 if not bool(torch.isfinite(out).all()):
                     raise ValueError(f"layer {layer}: the pruned layer's outputs contain NaN/Inf")
-                writer.write(out.float() if dtype == torch.bfloat16 else out)
+                writer.write(out)
                 done += batch.shape[0]
                 _log_progress(f"layer {layer} forward", done, shape[0], started)
     finally:

@@ -1,5 +1,21 @@
-# The layer chain: inputs_i -> hessians_i -> order_i -> pruned_i -> inputs_{i+1}.
+# The layer chain: inputs_i -> hessians_i -> order_i -> pruned_i -> inputs_{i+1}
+# (layer 0's inputs and Hessians are shared by every variant).
 # Each step is its own job, so a failure loses at most one layer's step.
+
+
+rule shared_hessians:
+    """Layer 0's Hessians: the dense layer on the shared embeddings (one file for every variant)."""
+    input:
+        unpack(plan_inputs("shared_hessians")),
+    output:
+        **plan_outputs("shared_hessians"),
+    log:
+        plan_log("shared_hessians"),
+    threads: stage_threads("shared_hessians")
+    resources:
+        **stage_resources("shared_hessians"),
+    run:
+        run_stage("shared_hessians", wildcards, log)
 
 
 rule hessians:
@@ -8,6 +24,8 @@ rule hessians:
         unpack(plan_inputs("hessians")),
     output:
         **plan_outputs("hessians"),
+    wildcard_constraints:
+        layer=r"[1-9]\d*",
     log:
         plan_log("hessians"),
     threads: stage_threads("hessians")
