@@ -430,3 +430,45 @@ def test_lambda_too_large_for_the_target_stops_with_the_key(
     last = done.stderr.strip().splitlines()[-1]
     assert "allocation: layer" in last and "outside [0, 1)" in last, done.stderr[-2000:]
     assert not (tmp_path / "results" / "tiny" / "allocation" / "owl-0.95.json").exists()
+
+
+@pytest.mark.parametrize(
+    "family, calibrate_all", [("mixtral", True), ("qwen2_moe", False)], ids=["mixtral", "qwen2_moe"]
+)
+def test_owl_on_mixture_of_experts_counts_every_expert_matrix(
+    tmp_path, tiny_text_file, family, calibrate_all
+):
+    """The statistics pass sees each routed expert through the Hessian stage's own hooks: every
+    expert matrix counts in its layer's density, and each gets its layer's allocated fraction."""
+    from tiny import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / family, family=family, num_layers=2)
+    path = write_config(
+        tmp_path / "moe.yaml",
+        model_dir,
+        tiny_text_file,
+        tmp_path / "results",
+        methods=["wanda"],
+        sparsities=[0.6],
+        allocation={"kind": "owl", "lambda": 0.15},
+        moe={"calibrate_all_experts": calibrate_all},
+    )
+    cfg = rose_config.load(path)
+    runner.run(cfg, evaluate=False, report=False)
+    record = json.loads((cfg.run_dir / "allocation" / "owl-0.6.json").read_text())
+    fractions = [e["sparsity"] for e in record["layers"]]
+    assert fractions[0] != fractions[1]
+    manifest = json.loads((cfg.run_dir / "wanda-owl-0.6" / "model" / "pruning.json").read_text())
+    experts = [e for e in manifest["linears"].values() if e.get("expert") is not None]
+    assert experts
+    for layer, fraction in enumerate(fractions):
+        entries = [e for e in manifest["linears"].values() if e["layer"] == layer]
+        outliers = json.loads(
+            (cfg.run_dir / "dense" / f"layer_{layer}" / "outliers.json").read_text()
+        )
+        assert outliers["parameters"] == sum(e["shape"][0] * e["shape"][1] for e in entries)
+        for entry in entries:
+            rows, cols = entry["shape"]
+            assert entry["sparsity"] == pytest.approx(
+                rows * prune_count(cols, fraction) / (rows * cols), abs=1e-6
+            )
