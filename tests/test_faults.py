@@ -559,8 +559,8 @@ def _damage(case: FaultCase, world: World, tmp: Path) -> None:
         st_metadata_value(target, "rose_provenance", "sha256")
     elif how == "garble":
         json_garble(target)
-    elif how == "swap-layer":  # layer 0's inputs are the shared calib/inputs.h5: take layer 2's
-        other = "layer_2" if target.name == "inputs.h5" else "layer_0"
+    elif how == "swap-layer":  # layer 0's inputs and Hessians are shared (calib/): take layer 2's
+        other = "layer_2" if target.name in ("inputs.h5", "hessians.h5") else "layer_0"
         shutil.copyfile(run_dir / p["path"].replace("layer_1", other), target)
     elif how == "swap-run":
         shutil.copyfile(world.other_seed / p["path"], target)

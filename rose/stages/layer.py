@@ -278,7 +278,7 @@ def _hessian_pass(
     expected,
     stage,
     total,
-    make_accumulator=HessianAccumulator,
+    make_accumulator=None,
     on_output=None,
 ) -> dict[str, Any]:
     """One pass of the calibration inputs through the dense layer, accumulating `groups`' Hessians
@@ -286,6 +286,7 @@ def _hessian_pass(
 
     `make_accumulator(columns, device=...)` collects something else from the same inputs (the
     OWL pass: column norms); `on_output(batch)` receives the layer's outputs."""
+    make_accumulator = make_accumulator or HessianAccumulator
     accumulators = {g[0]: make_accumulator(widths[g[0]], device=device) for g in groups}
     hooks = []
     for group in groups:
