@@ -91,7 +91,7 @@ count() { grep -c -- "$1" || true; } # count <pattern> <text: matching lines (no
 run_bg() {                          # run_bg <log> <args...>: snakemake in the background, as a user starts it
   local log=$1
   shift
-  timeout -k 10 240 "$SMK" "$@" >"$log" 2>&1 &
+  timeout -k 10 420 "$SMK" "$@" >"$log" 2>&1 &
   CTRL=$!
 }
 finish() { # finish <what>: wait for the background snakemake
@@ -135,7 +135,7 @@ cd "$W/gpu"
 export ROSE_SLURM_PARTITION=gpu # read by the profile
 GPU_ARGS=("${GPU_TARGETS[@]}" "${SLURM_ARGS[@]}" --profile "$REPO/workflow/profiles/slurm")
 run_bg "$W/gpu1.log" "${GPU_ARGS[@]}"
-J=$(wait_running rule_hessians_wildcards_rose-0.5_1 200) || fail "hessians job for layer 1 never ran"
+J=$(wait_running rule_hessians_wildcards_rose-0.5_1 360) || fail "hessians job for layer 1 never ran"
 SMK_PID=$(ps -o pid= --ppid "$CTRL" | head -n 1 | tr -d ' ') # timeout's child is snakemake
 [ -n "$SMK_PID" ] || fail "no snakemake process under timeout ($CTRL)"
 kill -KILL "$SMK_PID" # like a lost login session: no cleanup, the lock stays

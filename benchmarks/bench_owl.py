@@ -79,7 +79,6 @@ import shlex
 import shutil
 import statistics
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -837,13 +836,9 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
     given = rose_config.merge(given, {"device": args.device})
     prune = rose_config.from_dict(given).raw["prune"]
 
-    if args.workdir:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        (REPO / "results").mkdir(exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(prefix="bench-owl-", dir=REPO / "results"))
-    print(f"bench_owl: working in {workdir}", file=sys.stderr)
+    from common import workdir as make_workdir
+
+    workdir = make_workdir(args.workdir, "bench_owl")
     out_json = Path(args.out).resolve()
     try:
         info, dense_dir = prepare(args, given, workdir)

@@ -56,7 +56,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -430,13 +429,9 @@ def main() -> None:
     if default_cfg.evaluation is None or not default_cfg.evaluation.perplexity:
         sys.exit(f"bench_peer: {args.config} has no perplexity evaluation to score with")
 
-    if args.workdir:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        (REPO / "results").mkdir(exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(prefix="bench-peer-", dir=REPO / "results"))
-    print(f"bench_peer: working in {workdir}", file=sys.stderr)
+    from common import workdir as make_workdir
+
+    workdir = make_workdir(args.workdir, "bench_peer")
     try:
         # ---- setup (untimed): the dense safetensors checkpoint and the calibration tokens
         setup = rose_config.load(

@@ -10,7 +10,10 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -63,3 +66,17 @@ def table(rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def workdir(given: str | None, name: str) -> Path:
+    """The benchmark's working directory: `given` (made if missing), else a fresh one under the
+    repository's gitignored results/; announced on stderr."""
+    if given:
+        path = Path(given).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+    else:
+        results = Path(__file__).resolve().parents[1] / "results"
+        results.mkdir(exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=results))
+    print(f"{name}: working in {path}", file=sys.stderr)
+    return path

@@ -208,17 +208,20 @@ def _info_fields():
 # ---------------------------------------------------------------- the stages, end to end
 
 
+METHODS = ["rose", "sparsegpt", "wanda", "magnitude"]
+
+
+def _every_method_at_70(root: Path, model: Path, text: Path, **extra) -> Path:
+    return write_config(
+        root / "c.yaml", model, text, root / "results", methods=METHODS, sparsities=[0.7], **extra
+    )
+
+
 @pytest.fixture(scope="module")
 def owl_run(tmp_path_factory, tiny_llama_dir, tiny_text_file):
     root = tmp_path_factory.mktemp("owl")
-    path = write_config(
-        root / "owl.yaml",
-        tiny_llama_dir,
-        tiny_text_file,
-        root / "results",
-        methods=["rose", "sparsegpt", "wanda", "magnitude"],
-        sparsities=[0.7],
-        allocation=["uniform", OWL_ENTRY],
+    path = _every_method_at_70(
+        root, tiny_llama_dir, tiny_text_file, allocation=["uniform", OWL_ENTRY]
     )
     cfg = rose_config.load(path)
     runner.run(cfg, evaluate=False, report=True)
@@ -329,15 +332,7 @@ def test_report_has_the_allocation_column_and_the_layer_sparsity_plot(owl_run):
 def test_uniform_variants_are_byte_identical_with_and_without_owl_beside_them(
     owl_run, tmp_path, tiny_llama_dir, tiny_text_file
 ):
-    path = write_config(
-        tmp_path / "u.yaml",
-        tiny_llama_dir,
-        tiny_text_file,
-        tmp_path / "results",
-        methods=["rose", "sparsegpt", "wanda", "magnitude"],
-        sparsities=[0.7],
-    )
-    plain = rose_config.load(path)
+    plain = rose_config.load(_every_method_at_70(tmp_path, tiny_llama_dir, tiny_text_file))
     runner.run(plain, evaluate=False, report=False)
     cfg, _ = owl_run
     for method in ("rose", "sparsegpt", "wanda", "magnitude"):

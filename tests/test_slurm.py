@@ -433,7 +433,7 @@ def _slurm_skip_reason() -> str | None:
 def test_workflow_on_one_node_slurm():
     venv = Path(sys.executable).parent.parent
     proc = subprocess.run(
-        ["timeout", "-k", "15", "900", str(REPO / ".ci" / "slurm-test.sh"), str(REPO), str(venv)],
+        ["timeout", "-k", "15", "1500", str(REPO / ".ci" / "slurm-test.sh"), str(REPO), str(venv)],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
