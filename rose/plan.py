@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rose.allocation import LAYERS, OWL
 from rose.artifacts import remove_path
 from rose.config import ConfigError, RunConfig
 from rose.layout import DENSE, RunLayout
@@ -214,7 +215,7 @@ class Plan:
 
     @property
     def uses_outliers(self) -> bool:
-        return any(v.allocation.kind == "owl" for v in self.allocations.values())
+        return any(v.allocation.kind == OWL for v in self.allocations.values())
 
     @property
     def metrics(self) -> list[str]:
@@ -261,7 +262,7 @@ class Plan:
         elif stage == "outliers":
             inputs["inputs"] = L.inputs(DENSE, int(wildcards["layer"]))
         elif stage == "allocate":
-            if self.allocations[wildcards["allocation"]].allocation.kind == "owl":
+            if self.allocations[wildcards["allocation"]].allocation.kind == OWL:
                 inputs["outliers"] = [L.outliers(i) for i in range(self._depth())]
         elif stage in ("hessians", "order", "prune", "forward"):
             variant, layer = wildcards["variant"], int(wildcards["layer"])
@@ -384,7 +385,7 @@ class Plan:
 def check_allocation_lengths(cfg: RunConfig, depth: int) -> None:
     """A `layers` list must have one fraction per pruned decoder layer of this model."""
     for allocation in cfg.allocations:
-        if allocation.kind == "layers" and len(allocation.fractions) != depth:
+        if allocation.kind == LAYERS and len(allocation.fractions) != depth:
             raise ConfigError(
                 f"config: {allocation.key}.fractions has {len(allocation.fractions)} values, "
                 f"the model prunes {depth} decoder layers"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import rose
+from rose.allocation import OWL
 from rose.artifacts import ArtifactError, atomic_write_json, config_hash, read_json
 
 if TYPE_CHECKING:
@@ -77,19 +78,24 @@ def hessians_provenance(
     return layer_provenance(cfg, info, "hessians", variant, layer)
 
 
+def _shared_inputs_provenance(cfg: RunConfig, info: ModelInfo) -> dict[str, Any]:
+    """Layer 0's inputs: the shared embeddings (every variant's and the dense pass's)."""
+    return {**calibration_provenance(cfg, info, "layer-inputs"), "layer": 0}
+
+
 def layer_inputs_provenance(
     cfg: RunConfig, info: ModelInfo, variant: Variant, layer: int
 ) -> dict[str, Any]:
     """Layer 0's inputs are the shared embeddings; later layers' belong to one variant."""
     if layer == 0:
-        return {**calibration_provenance(cfg, info, "layer-inputs"), "layer": 0}
+        return _shared_inputs_provenance(cfg, info)
     return layer_provenance(cfg, info, "layer-inputs", variant, layer)
 
 
 def dense_inputs_provenance(cfg: RunConfig, info: ModelInfo, layer: int) -> dict[str, Any]:
     """The dense model's inputs of `layer` (the statistics pass propagates them)."""
     if layer == 0:
-        return {**calibration_provenance(cfg, info, "layer-inputs"), "layer": 0}
+        return _shared_inputs_provenance(cfg, info)
     return {**calibration_provenance(cfg, info, "dense-inputs"), "layer": layer}
 
 
@@ -109,7 +115,7 @@ def allocation_provenance(cfg: RunConfig, info: ModelInfo, variant: Variant) -> 
         "target": variant.target,
         "layers": info.prune_layers,
     }
-    if variant.allocation.kind == "owl":
+    if variant.allocation.kind == OWL:
         decided_by["statistics"] = cfg.dense_statistics_provenance()
     return _provenance(
         info, "allocation", target=variant.target, config_hash=config_hash(decided_by)

@@ -98,6 +98,8 @@ _ZERO_SHOT_TASKS = 7
 
 # Older spelling kept working: both evaluation rules size alike.
 _ALIASES = MappingProxyType({"evaluate": "evaluate_perplexity"})
+# Stages that do another stage's work on other inputs: sized by its formulas.
+_SIZED_AS = MappingProxyType({"shared_hessians": "hessians"})
 
 
 def _settings(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -291,7 +293,6 @@ def stage_estimate(
         "prepare_model": 6 * 1024 * _MB,  # streams shards; GGUF sources are small
         "capture_calibration": 1024 * _MB,
         "embed_calibration": 2 * acts + params / size["num_layers"] * dbytes,
-        "shared_hessians": 2 * weights32 + acts + hess,
         "outliers": 3 * weights32 + 2 * acts,
         "allocate": 256 * _MB,
         "hessians": 2 * weights32 + acts + hess,
@@ -303,7 +304,7 @@ def stage_estimate(
         "evaluate_perplexity": 1.2 * params * dbytes,
         "evaluate_zero_shot": 1.2 * params * dbytes,
         "report": 1024 * _MB,
-    }[stage]
+    }[_SIZED_AS.get(stage, stage)]
     seconds = {
         "prepare_model": 40 * 60.0,  # size unknown until it ran: a 70B download
         "capture_calibration": 120.0,
@@ -311,8 +312,6 @@ def stage_estimate(
         "outliers": fwd_flops / _FLOPS[kind] + 3 * acts / _IO_RATE + 2 * layer * dbytes / _IO_RATE,
         "allocate": 5.0,
         "hessians": (fwd_flops + tokens * fig["hessian_token_flops"]) / _FLOPS[kind]
-        + 2 * acts / _IO_RATE,
-        "shared_hessians": (fwd_flops + tokens * fig["hessian_token_flops"]) / _FLOPS[kind]
         + 2 * acts / _IO_RATE,
         "order": sweep_flops / _FLOPS[kind] + 2 * hess / _IO_RATE,
         "prune": 2 * sweep_flops / _FLOPS[kind] + 2 * hess / _IO_RATE,
@@ -324,7 +323,7 @@ def stage_estimate(
         "evaluate_zero_shot": 2 * params * _eval_tokens(stage, cfg) / _EVAL_FLOPS[kind]
         + params * dbytes / _IO_RATE,
         "report": 60.0,
-    }[stage]
+    }[_SIZED_AS.get(stage, stage)]
     return host, seconds
 
 

@@ -26,7 +26,7 @@ from rose.artifacts import (
     read_pruned,
 )
 from rose.config import RunConfig
-from rose.model_card import model_card_text
+from rose.model_card import model_card_text, per_layer_sparsity
 from rose.model_info import ModelInfo, open_model
 from rose.provenance import layer_provenance, versions
 from rose.stages.layer import layer_units, moe_settings
@@ -54,7 +54,7 @@ def assemble_model(
         for tensor in units.tensors():
             replacements[fam.layer_prefix.format(index=layer) + tensor] = Path(path)
     linears: dict[str, Any] = {}
-    layers: list[dict[str, Any]] = []
+    targets: list[float | str | None] = []  # each layer's, from its stats.json
     prune_seconds = 0.0
     numerics: set[tuple[str, int]] = set()
     for layer, path in enumerate(stats_paths):
@@ -69,7 +69,7 @@ def assemble_model(
         for name, entry in stats["linears"].items():
             linears[fam.layer_prefix.format(index=layer) + name] = entry
             prune_seconds += entry["seconds"]
-        layers.append(_layer_summary(layer, stats))
+        targets.append(stats.get("target"))
 
     layer_of = {Path(path): layer for layer, path in enumerate(pruned_paths)}
 
@@ -119,8 +119,17 @@ def assemble_model(
         # (device, torch threads) the layers were pruned with; more than one after a resume elsewhere
         "numerics": [{"device": d, "torch_threads": t} for d, t in sorted(numerics)],
         "total_linears": len(linears),
-        # per decoder layer: the allocated target and the zeros its pruned Linears got
-        "layers": layers,
+        # per decoder layer: the allocated target and the zeros its pruned Linears got (counted
+        # as the model card counts them)
+        "layers": [
+            {
+                "layer": row["layer"],
+                "target": targets[row["layer"]],
+                "achieved": row["sparsity"],
+                "parameters": row["weights"],
+            }
+            for row in per_layer_sparsity({"linears": linears})
+        ],
         "linears": linears,
     }
     if experts:
@@ -139,21 +148,6 @@ def assemble_model(
                 manifest, run=cfg.run, num_layers=info.num_layers, evaluations_pending=True
             )
         )
-
-
-def _layer_summary(layer: int, stats: dict[str, Any]) -> dict[str, Any]:
-    """One layer's target (from its stats.json) and achieved sparsity over its pruned weights."""
-    zeros, total = 0.0, 0
-    for entry in stats["linears"].values():
-        n = entry["shape"][0] * entry["shape"][1]
-        zeros += entry["sparsity"] * n
-        total += n
-    return {
-        "layer": layer,
-        "target": stats.get("target"),
-        "achieved": zeros / total if total else 0.0,
-        "parameters": total,
-    }
 
 
 def _experts_summary(cfg: RunConfig, linears: dict[str, Any], experts: int) -> dict[str, Any]:

@@ -599,8 +599,15 @@ def prune_layer(
     # The sweep's float32 matmuls round differently with another thread count or device, so the
     # bytes are reproducible for the same (device, threads): recorded with every layer.
     numerics = {"device": str(device), "torch_threads": torch.get_num_threads()}
-    record = {"provenance": provenance, "numerics": numerics, "target": _target(sparsity)}
-    atomic_write_json(out_stats, {**record, "linears": stats})
+    atomic_write_json(
+        out_stats,
+        {
+            "provenance": provenance,
+            "numerics": numerics,
+            "target": _target(sparsity),
+            "linears": stats,
+        },
+    )
     return stats
 
 

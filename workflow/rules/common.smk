@@ -74,22 +74,21 @@ def plan_outputs(stage):
     return out
 
 
-def planned_info():
-    """model.json comes from a checkpoint: the depth is known only once it exists."""
+def planned():
+    """The plan with model.json, which comes from a checkpoint: the depth is known only once
+    it exists (and a per-layer list that does not match it is refused, naming the key)."""
     path = checkpoints.prepare_model.get().output[0]
-    info = ModelInfo.load(path)
-    try:  # a per-layer list must match the model's depth, known from here on
-        graph.check_allocation_lengths(CFG, info.prune_layers)
+    try:
+        return graph.Plan(CFG, ModelInfo.load(path))
     except ConfigError as exc:
         raise WorkflowError(str(exc)) from None
-    return info
 
 
 def plan_inputs(stage):
     """An input function: the plan's inputs for the job's wildcards (as str, for Snakemake)."""
 
     def inputs(wildcards):
-        plan = graph.Plan(CFG, planned_info())
+        plan = planned()
         return {
             k: [str(p) for p in v] if isinstance(v, list) else str(v)
             for k, v in plan.inputs(stage, dict(wildcards)).items()
