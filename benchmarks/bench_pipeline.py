@@ -4,6 +4,7 @@
     python benchmarks/bench_pipeline.py overhead [--config config/config.yaml] [--set k=v ...]
     python benchmarks/bench_pipeline.py memory   [--hidden 1024 --intermediate 2816 --depths 4 16]
     python benchmarks/bench_pipeline.py dag      [--layers 80]   # the paper sweep's DAG: dry run, resume
+    python benchmarks/bench_pipeline.py handoff  [--synthetic small --layers 4] [--set k=v ...]
     python benchmarks/bench_pipeline.py stages --synthetic llama7b --layers 4 --set calibration.nsamples=128 ...
 
 Each prints a markdown table under a header naming the machine, device and versions.
@@ -429,12 +430,115 @@ def cmd_dag(args) -> None:
     )
 
 
+def _pruned_digests(run_dir: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.glob("*/layer_*/pruned.safetensors"))
+    }
+
+
+def cmd_handoff(args) -> None:
+    """Artifact bytes per layer with the in-process handoff off and on: same config, fresh
+    directories, no evaluation; the pruned layers must be byte-identical."""
+    mib = 2**20
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        model = None
+        if args.synthetic:
+            model = synthetic_model(
+                tmp / "model", args.layers, torch.float32, **SHAPES[args.synthetic]
+            )
+        runs = {}
+        for setting in (0, "auto"):
+            args_set = [*args.set, f"handoff_memory={setting}"]
+            cfg = load_config(
+                argparse.Namespace(config=args.config, set=args_set), tmp / f"r{setting}", model
+            )
+            started = time.perf_counter()
+            result = runner.run(cfg, evaluate=False, report=False)
+            runs[setting] = (result, time.perf_counter() - started, cfg)
+        (off, off_wall, cfg), (on, on_wall, cfg_on) = runs[0], runs["auto"]
+        identical = _pruned_digests(cfg.run_dir) == _pruned_digests(cfg_on.run_dir)
+        info = ModelInfo.load(RunLayout(cfg.run_dir).model_json)
+    chain = ("hessians", "order", "prune", "forward")
+
+    def per_layer(result) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
+        for t in result.timings:
+            if t.stage in chain and t.layer is not None:
+                layer = t.layer - 1 if t.stage == "forward" else t.layer  # forward L -> L+1
+                out[layer][0] += t.bytes_written
+                out[layer][1] += t.bytes_read
+                out[layer][2] += t.bytes_from_memory
+        return out
+
+    before, after = per_layer(off), per_layer(on)
+    rows = [
+        [
+            layer,
+            f"{before[layer][0] / mib:.1f}",
+            f"{before[layer][1] / mib:.1f}",
+            f"{after[layer][1] / mib:.1f}",
+            f"{after[layer][2] / mib:.1f}",
+        ]
+        for layer in sorted(before)[: args.show_layers]
+    ]
+    print("\n".join(header()))
+    print(
+        f"\nmodel: {info.source} ({info.num_layers} layers, hidden {info.hidden_size}), "
+        f"calibration {cfg.calibration.nsamples} x {cfg.calibration.seqlen}, "
+        f"variants {', '.join(v.name for v in cfg.variants)}, "
+        f"handoff_memory auto = {on.handoff_budget / 2**30:.1f} GiB\n"
+    )
+    print("per layer, every variant summed (hessians + order + prune + forward), MiB:\n")
+    print(
+        table(
+            rows,
+            ["layer", "written", "read from disk, off", "read from disk, on", "from memory, on"],
+        )
+    )
+    rows = []
+    for stage in chain:
+        steps_off = [t for t in off.timings if t.stage == stage]
+        steps_on = [t for t in on.timings if t.stage == stage]
+        if not steps_off:
+            continue
+        rows.append(
+            [
+                stage,
+                len(steps_off),
+                f"{sum(t.bytes_read for t in steps_off) / mib:.1f}",
+                f"{sum(t.bytes_read for t in steps_on) / mib:.1f}",
+                f"{sum(t.seconds for t in steps_off):.1f}",
+                f"{sum(t.seconds for t in steps_on):.1f}",
+            ]
+        )
+    print("\nper stage, the whole run:\n")
+    print(
+        table(
+            rows,
+            ["stage", "steps", "MiB read, off", "MiB read, on", "seconds, off", "seconds, on"],
+        )
+    )
+    totals_off, totals_on = off.io_totals(), on.io_totals()
+    print(
+        f"\nwhole run: written {totals_off['bytes_written'] / mib:.0f} MiB either way; "
+        f"read from disk {totals_off['bytes_read'] / mib:.0f} MiB off, "
+        f"{totals_on['bytes_read'] / mib:.0f} MiB on; wall {off_wall:.1f} s off, {on_wall:.1f} s on"
+    )
+    print(f"pruned layers byte-identical: {'yes' if identical else 'NO'}")
+    if not identical:
+        sys.exit(1)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_stage":
         _run_one_stage(sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["stages", "overhead", "memory", "dag"])
+    parser.add_argument("what", choices=["stages", "overhead", "memory", "dag", "handoff"])
     parser.add_argument("--config", default=str(REPO / "config/config.yaml"))
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--synthetic", choices=sorted(SHAPES))
@@ -454,6 +558,7 @@ def main() -> None:
         "overhead": cmd_overhead,
         "memory": cmd_memory,
         "dag": cmd_dag,
+        "handoff": cmd_handoff,
     }
     commands[args.what](args)
 

@@ -16,14 +16,18 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from rose.handoff import Handoff
 
 TMP_MARK = ".tmp-"
 PROVENANCE_KEY = "rose_provenance"
@@ -252,14 +256,20 @@ def write_h5(
     dataset_attrs: Mapping[str, Mapping[str, Any]] | None = None,
     group_attrs: Mapping[str, Mapping[str, Any]] | None = None,
     chunk_bytes: int = 4 << 20,
+    handoff: Handoff | None = None,
 ) -> None:
     """Write datasets plus provenance attributes atomically, with a checksum each.
 
     Datasets are float/int arrays, chunked (about 4 MiB) and uncompressed: the
     big ones (hidden states, Hessians) are read back whole and compression
-    would only cost CPU time.
+    would only cost CPU time. With a `handoff`, the arrays are also kept in memory
+    for the next stage of this process (`rose.handoff`).
     """
     arrays = {name: _to_numpy(value) for name, value in datasets.items()}
+    written_attrs = {
+        name: {"sha256": tensor_checksum(array), **(dataset_attrs or {}).get(name, {})}
+        for name, array in arrays.items()
+    }
     with atomic_path(path) as tmp:
         ensure_space(tmp, sum(a.nbytes for a in arrays.values()))
         with h5py.File(tmp, "w") as fh:
@@ -268,14 +278,16 @@ def write_h5(
             for name, array in arrays.items():
                 chunks = _chunks(array, chunk_bytes)
                 dset = fh.create_dataset(name, data=array, chunks=chunks)
-                dset.attrs["sha256"] = tensor_checksum(array)
-                for key, attr in (dataset_attrs or {}).get(name, {}).items():
+                for key, attr in written_attrs[name].items():
                     dset.attrs[key] = attr
             for group, values in (group_attrs or {}).items():
                 node = fh.require_group(group)
                 for key, attr in values.items():
                     node.attrs[key] = attr
                 node.attrs["sha256"] = _attrs_checksum(values)
+    if handoff is not None:
+        memory = MemoryH5(path, attrs, arrays, written_attrs, group_attrs)
+        handoff.keep(path, memory, memory.nbytes)
 
 
 def _attrs_checksum(values: Mapping[str, Any]) -> str:
@@ -307,6 +319,7 @@ class H5StreamWriter:
         dtype: np.dtype | str,
         attrs: Mapping[str, Any],
         chunk_bytes: int = 4 << 20,
+        handoff: Handoff | None = None,
     ):
         self.path = Path(path)
         self.name = name
@@ -316,6 +329,9 @@ class H5StreamWriter:
         self.attrs = dict(attrs)
         self.chunk_bytes = chunk_bytes
         self._written = 0
+        nbytes = int(np.prod(shape)) * self.dtype.itemsize
+        self._handoff = handoff if handoff is not None and handoff.admits(nbytes) else None
+        self._memory: np.ndarray | None = None
 
     def __enter__(self) -> H5StreamWriter:
         self._ctx = atomic_path(self.path)
@@ -334,6 +350,8 @@ class H5StreamWriter:
         )
         if self.words:
             self._dset.attrs[WORDS_OF] = "bfloat16"
+        if self._handoff is not None:
+            self._memory = np.empty(self.shape, dtype=self.dtype)
         self._hash = hashlib.sha256()
         return self
 
@@ -350,6 +368,8 @@ class H5StreamWriter:
                 f"{self.path}: more rows written than declared ({end} > {self.shape[0]})"
             )
         self._dset[self._written : end] = array
+        if self._memory is not None:
+            self._memory[self._written : end] = array
         self._hash.update(np.ascontiguousarray(array).tobytes())
         self._written = end
 
@@ -363,9 +383,19 @@ class H5StreamWriter:
                 self._dset.attrs["sha256"] = self._hash.hexdigest()[:16]
             self._fh.close()
         except BaseException as error:
+            self._memory = None
             self._ctx.__exit__(type(error), error, error.__traceback__)
             raise
         self._ctx.__exit__(exc_type, exc, tb)
+        if exc_type is None and self._memory is not None:
+            written = {"sha256": self._hash.hexdigest()[:16]}
+            if self.words:
+                written[WORDS_OF] = "bfloat16"
+            memory = MemoryH5(
+                self.path, self.attrs, {self.name: self._memory}, {self.name: written}
+            )
+            self._handoff.keep(self.path, memory, memory.nbytes)
+        self._memory = None
 
 
 def _to_numpy(value: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -474,8 +504,7 @@ class H5Artifact:
                 "delete it and rerun"
             )
         for array in self.iter_batches(name, batch):
-            tensor = torch.from_numpy(array)
-            yield tensor.view(torch.int16).view(torch.bfloat16) if words else tensor
+            yield decode_words(torch.from_numpy(array), words)
 
     def group_attrs(self, group: str) -> dict[str, Any]:
         """A group's attributes, verified against the checksum written with them."""
@@ -509,11 +538,105 @@ class H5Artifact:
         self.close()
 
 
+def decode_words(tensor: torch.Tensor, words: str | None) -> torch.Tensor:
+    """A dataset slice as its tensor: raw bfloat16 words (`WORDS_OF`) back to bfloat16."""
+    return tensor.view(torch.int16).view(torch.bfloat16) if words else tensor
+
+
+class MemoryH5:
+    """An HDF5 artifact's contents as its writer wrote them, with `H5Artifact`'s read interface.
+
+    Reads return copies, so a reader that works in place cannot change what the next
+    reader gets."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        attrs: Mapping[str, Any],
+        arrays: Mapping[str, np.ndarray],
+        dataset_attrs: Mapping[str, Mapping[str, Any]] | None = None,
+        group_attrs: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
+        self.path = Path(path)
+        self.attrs = {k: _normalise(v) for k, v in attrs.items()}
+        self._arrays = dict(arrays)
+        self._dataset_attrs = {
+            name: {k: _normalise(v) for k, v in values.items()}
+            for name, values in (dataset_attrs or {}).items()
+        }
+        self._group_attrs = {
+            name: {k: _normalise(v) for k, v in values.items()}
+            for name, values in (group_attrs or {}).items()
+        }
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._arrays.values())
+
+    def read(self, name: str) -> np.ndarray:
+        return self._arrays[name].copy()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._arrays[name].shape)
+
+    def iter_batches(self, name: str, batch: int) -> Iterator[np.ndarray]:
+        array = self._arrays[name]
+        for start in range(0, array.shape[0], batch):
+            yield array[start : start + batch].copy()
+
+    def iter_tensors(self, name: str, batch: int) -> Iterator[torch.Tensor]:
+        words = self._dataset_attrs.get(name, {}).get(WORDS_OF)
+        for array in self.iter_batches(name, batch):
+            yield decode_words(torch.from_numpy(array), words)
+
+    def group_attrs(self, group: str) -> dict[str, Any]:
+        return dict(self._group_attrs[group])
+
+    def dataset_attrs(self, name: str) -> dict[str, Any]:
+        return dict(self._dataset_attrs.get(name, {}))
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> MemoryH5:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_h5(
+    path: str | Path, expected: Mapping[str, Any] | None, handoff: Handoff | None = None
+) -> H5Artifact | MemoryH5:
+    """The artifact from the handoff when this process just wrote it, else from disk."""
+    kept = handoff.take(path) if handoff is not None else None
+    if isinstance(kept, MemoryH5):
+        if expected:
+            check_provenance(Path(path), kept.attrs, expected)
+        return kept
+    return H5Artifact(path, expected)
+
+
 # ---------------------------------------------------------------- pruned layers (safetensors)
 
 
+@dataclass(frozen=True)
+class MemoryTensors:
+    """A `write_pruned` file's tensors and provenance as written, kept for the next stage."""
+
+    provenance: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
 def write_pruned(
-    path: str | Path, tensors: dict[str, torch.Tensor], provenance: Mapping[str, Any]
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    provenance: Mapping[str, Any],
+    handoff: Handoff | None = None,
 ) -> None:
     """One layer's pruned weights, atomically, stamped with provenance and a checksum.
 
@@ -523,13 +646,24 @@ def write_pruned(
     stamped = {**provenance, "sha256": _tensors_checksum(tensors)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={PROVENANCE_KEY: json.dumps(stamped, sort_keys=True)})
+    if handoff is not None:
+        memory = MemoryTensors(
+            json.loads(json.dumps(stamped, sort_keys=True)),
+            {name: t.detach().cpu().clone() for name, t in tensors.items()},
+        )
+        handoff.keep(path, memory, memory.nbytes)
 
 
 def read_pruned(
-    path: str | Path, expected_provenance: Mapping[str, Any]
+    path: str | Path, expected_provenance: Mapping[str, Any], handoff: Handoff | None = None
 ) -> dict[str, torch.Tensor]:
-    """The tensors of a `write_pruned` file; refused if made for another run or corrupt."""
+    """The tensors of a `write_pruned` file; refused if made for another run or corrupt.
+    With a `handoff`, the tensors this process just wrote there, if it still holds them."""
     path = Path(path)
+    kept = handoff.take(path) if handoff is not None else None
+    if isinstance(kept, MemoryTensors):
+        check_provenance(path, kept.provenance, expected_provenance)
+        return {name: t.clone() for name, t in kept.tensors.items()}
     try:
         with safe_open(str(path), framework="pt") as fh:
             found = json.loads((fh.metadata() or {}).get(PROVENANCE_KEY, "{}"))

@@ -110,6 +110,13 @@ def _main(argv: list[str] | None) -> int:
     if summary.exists():
         print(summary.read_text())
     total = sum(t.seconds for t in result.timings)
+    io = result.io_totals()
+    print(
+        f"artifacts: {io['bytes_written'] / 2**30:.2f} GiB written, "
+        f"{io['bytes_read'] / 2**30:.2f} GiB read from disk, "
+        f"{io['bytes_from_memory'] / 2**30:.2f} GiB handed over in memory "
+        f"(handoff_memory {result.handoff_budget / 2**30:.1f} GiB)"
+    )
     print(f"done in {total:.1f}s: results in {result.layout.run_dir}")
     return 0
 

@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "results_dir": "results",
     "device": "auto",
     "keep_intermediates": False,
+    "handoff_memory": "auto",
     "model": {"revision": None, "dtype": "auto", "trust_remote_code": False, "allow_pickle": False},
     "calibration": {"seed": 0, "batch_size": 8},
     "prune": {
@@ -135,6 +136,7 @@ class RunConfig:
     results_dir: str = "results"
     device: str = "auto"
     keep_intermediates: bool = False
+    handoff_memory: float | str = "auto"
     evaluation: EvaluationSettings | None = None
     export_formats: tuple[str, ...] = ("dense",)
     allocations: tuple[Allocation, ...] = (Allocation(),)
@@ -317,6 +319,7 @@ def from_dict(given: dict[str, Any]) -> RunConfig:
         results_dir=raw["results_dir"],
         device=raw["device"],
         keep_intermediates=raw["keep_intermediates"],
+        handoff_memory=raw["handoff_memory"],
         evaluation=evaluation,
         export_formats=_export_formats(raw),
         allocations=_allocations(raw.get("allocation", UNIFORM), tuple(sparsities)),

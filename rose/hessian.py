@@ -20,13 +20,23 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 import torch
 
-from rose.artifacts import _chunks, _to_numpy, atomic_path, ensure_space, tensor_checksum
+from rose.artifacts import (
+    MemoryH5,
+    _chunks,
+    _to_numpy,
+    atomic_path,
+    ensure_space,
+    tensor_checksum,
+)
+
+if TYPE_CHECKING:
+    from rose.handoff import Handoff
 
 
 class HessianAccumulator:
@@ -168,11 +178,16 @@ class HessianWriter:
         attrs: Mapping[str, Any],
         total_bytes: int,
         chunk_bytes: int = 4 << 20,
+        handoff: Handoff | None = None,
     ):
         self.path = Path(path)
         self.attrs = dict(attrs)
         self.total_bytes = total_bytes
         self.chunk_bytes = chunk_bytes
+        # Kept for the next stages of this process when they fit (rose.handoff)
+        self._handoff = handoff if handoff is not None and handoff.admits(total_bytes) else None
+        self._arrays: dict[str, np.ndarray] = {}
+        self._dataset_attrs: dict[str, dict[str, Any]] = {}
 
     def __enter__(self) -> HessianWriter:
         self._ctx = atomic_path(self.path)
@@ -195,6 +210,9 @@ class HessianWriter:
         dset.attrs["sha256"] = tensor_checksum(array)
         for key, attr in (attrs or {}).items():
             dset.attrs[key] = attr
+        if self._handoff is not None:
+            self._arrays[name] = array
+            self._dataset_attrs[name] = dict(dset.attrs)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -203,3 +221,7 @@ class HessianWriter:
             self._ctx.__exit__(type(error), error, error.__traceback__)
             raise
         self._ctx.__exit__(exc_type, exc, tb)
+        if exc_type is None and self._handoff is not None:
+            memory = MemoryH5(self.path, self.attrs, self._arrays, self._dataset_attrs)
+            self._handoff.keep(self.path, memory, memory.nbytes)
+        self._arrays = {}

@@ -21,6 +21,7 @@ from pathlib import Path
 from rose.allocation import LAYERS, OWL
 from rose.artifacts import remove_path
 from rose.config import ConfigError, RunConfig
+from rose.handoff import Handoff
 from rose.layout import DENSE, RunLayout
 from rose.methods import NEEDS_HESSIAN, NEEDS_ORDER
 from rose.model_info import ModelInfo, load_checked
@@ -462,8 +463,15 @@ def remove_consumed_intermediates(steps: list[Step]) -> list[Path]:
 # ---------------------------------------------------------------- doing one step
 
 
-def execute(cfg: RunConfig, stage: str, wildcards: Mapping[str, str] | None = None) -> None:
-    """Run one step: the single entry point of every Snakemake rule and of the runner."""
+def execute(
+    cfg: RunConfig,
+    stage: str,
+    wildcards: Mapping[str, str] | None = None,
+    handoff: Handoff | None = None,
+) -> None:
+    """Run one step: the single entry point of every Snakemake rule and of the runner.
+
+    `handoff`: what earlier steps of this process wrote, kept in memory (`rose.handoff`)."""
     from rose import stages
 
     w = {k: str(v) for k, v in (wildcards or {}).items()}
@@ -478,12 +486,12 @@ def execute(cfg: RunConfig, stage: str, wildcards: Mapping[str, str] | None = No
     elif stage == "capture_calibration":
         stages.capture_calibration(cfg, model, o["tokens"])
     elif stage == "embed_calibration":
-        stages.embed_calibration(cfg, model, i["tokens"], o["inputs"])
+        stages.embed_calibration(cfg, model, i["tokens"], o["inputs"], handoff=handoff)
     elif stage == "shared_hessians":
-        stages.compute_hessians(cfg, model, None, 0, i["inputs"], o["hessians"])
+        stages.compute_hessians(cfg, model, None, 0, i["inputs"], o["hessians"], handoff=handoff)
     elif stage == "outliers":
         stages.outlier_statistics(
-            cfg, model, int(w["layer"]), i["inputs"], o["outliers"], o["outputs"]
+            cfg, model, int(w["layer"]), i["inputs"], o["outliers"], o["outputs"], handoff=handoff
         )
     elif stage == "allocate":
         stages.allocate(
@@ -491,7 +499,7 @@ def execute(cfg: RunConfig, stage: str, wildcards: Mapping[str, str] | None = No
         )
     elif stage == "hessians":
         stages.compute_hessians(
-            cfg, model, w["variant"], int(w["layer"]), i["inputs"], o["hessians"]
+            cfg, model, w["variant"], int(w["layer"]), i["inputs"], o["hessians"], handoff=handoff
         )
     elif stage == "order":
         stages.compute_order(
@@ -502,6 +510,7 @@ def execute(cfg: RunConfig, stage: str, wildcards: Mapping[str, str] | None = No
             i["hessians"],
             o["order"],
             i.get("allocation"),
+            handoff=handoff,
         )
     elif stage == "prune":
         stages.prune_layer(
@@ -514,10 +523,13 @@ def execute(cfg: RunConfig, stage: str, wildcards: Mapping[str, str] | None = No
             o["pruned"],
             o["stats"],
             i.get("allocation"),
+            handoff=handoff,
         )
     elif stage == "forward":
         layer = int(w["layer"]) - 1
-        stages.forward_layer(cfg, model, w["variant"], layer, i["inputs"], i["pruned"], o["inputs"])
+        stages.forward_layer(
+            cfg, model, w["variant"], layer, i["inputs"], i["pruned"], o["inputs"], handoff=handoff
+        )
     elif stage == "assemble":
         stages.assemble_model(cfg, model, w["variant"], i["pruned"], i["stats"], o["model_dir"])
     elif stage == "evaluate_perplexity":

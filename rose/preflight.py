@@ -562,7 +562,15 @@ class Prediction:
     variants_with_inputs: int
     layer_inputs: float  # bytes of one layer's inputs
     hessians: float  # bytes of one layer's Hessians (largest layer)
+    pruned_layer: float = 0.0  # bytes of one layer's pruned weights (largest layer)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def handoff_held(self) -> float:
+        """Host memory the in-process handoff holds at most (rose.handoff): the layer's inputs
+        and the next layer's being written, the shared layer-0 inputs, one layer's Hessians and
+        its pruned weights; capped by handoff_memory."""
+        return 3 * self.layer_inputs + self.hessians + self.pruned_layer
 
     @property
     def host_peak(self) -> float:
@@ -975,6 +983,7 @@ def predict(
         hessians=max(sizes[p] for s in steps if s.stage == "hessians" for p in s.outputs.values())
         if any(s.stage == "hessians" for s in steps)
         else 0.0,
+        pruned_layer=float(largest.parameters * sizer.dbytes),
         notes=notes,
     )
 
@@ -1212,6 +1221,12 @@ def format_report(pred: Prediction, driver: str | None = None, free: float | Non
         f"{resources._FLOPS['gpu' if pred.device == 'cuda' else 'cpu'] / 1e12:g} TFLOP/s (float32 layer math) "
         f"and disk at {resources._IO_RATE / 1e6:.0f} MB/s"
     )
+    if cfg.handoff_memory != 0:
+        lines.append(
+            f"handoff (python -m rose run, workstation profile): up to {human(pred.handoff_held)} "
+            "of host RAM keeps a layer's artifacts for its next stage (not read back), within "
+            f"handoff_memory = {cfg.handoff_memory} ('auto': a quarter of the available memory)"
+        )
     lines += [f"note: {n}" for n in pred.notes]
     return "\n".join(lines)
 

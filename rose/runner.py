@@ -7,6 +7,11 @@ made, walking back through the plan (`rose.plan.needed_steps`) to what is on
 disk. An intermediate is removed once every step that reads it has run, as
 Snakemake's temp() files are, so the two drivers continue each other's run
 directories.
+
+Consecutive stages of a layer hand their artifacts over in memory (`rose.handoff`,
+bounded by `handoff_memory`): each artifact is still written, but the next stage
+does not read it back. Every step's artifact bytes written, read from disk and
+taken from memory are recorded with its timing.
 """
 
 from __future__ import annotations
@@ -19,11 +24,18 @@ from rose import plan as graph
 from rose import preflight
 from rose.artifacts import exclusive_lock, remove_path
 from rose.config import RunConfig, write_effective
+from rose.handoff import Handoff, file_bytes, handoff_budget
+from rose.hessian import available_memory
 from rose.layout import RunLayout
 from rose.model_info import load_checked
 from rose.provenance import check_run
 
 log = logging.getLogger("rose")
+
+
+# The stages whose artifacts are worth keeping for the next step: a layer's chain (the
+# embeddings and dense outputs feed it too). Reassembly, long after, reads from disk.
+HANDED_OVER_TO = frozenset({"shared_hessians", "outliers", "hessians", "order", "prune", "forward"})
 
 
 @dataclass(frozen=True)
@@ -32,15 +44,32 @@ class StageTiming:
     variant: str
     layer: int | None
     seconds: float
+    # artifact bytes (the step's declared inputs and outputs; model weights are not artifacts)
+    bytes_written: int = 0
+    bytes_read: int = 0  # read from disk
+    bytes_from_memory: int = 0  # taken from the handoff instead of read back
 
 
 @dataclass
 class RunResult:
     layout: RunLayout
     timings: list[StageTiming] = field(default_factory=list)
+    handoff_budget: int = 0
+
+    def io_totals(self) -> dict[str, int]:
+        return {
+            key: sum(getattr(t, key) for t in self.timings)
+            for key in ("bytes_written", "bytes_read", "bytes_from_memory")
+        }
 
 
-def _timed(cfg: RunConfig, step: graph.Step, result: RunResult, depth: int | None) -> None:
+def _timed(
+    cfg: RunConfig,
+    step: graph.Step,
+    result: RunResult,
+    depth: int | None,
+    handoff: Handoff | None = None,
+) -> None:
     w = dict(step.wildcards)
     layer = int(w["layer"]) if "layer" in w else None
     where = f" {w.get('variant') or w.get('model') or w.get('allocation', '')}".rstrip()
@@ -48,12 +77,21 @@ def _timed(cfg: RunConfig, step: graph.Step, result: RunResult, depth: int | Non
     where += f" layer {layer + 1}/{depth}" if layer is not None and depth else ""
     log.info("stage %s%s", step.stage, where)
     started = time.perf_counter()
-    graph.execute(cfg, step.stage, w)
+    graph.execute(cfg, step.stage, w, handoff)
+    seconds = time.perf_counter() - started
+    served = handoff.drain_served() if handoff is not None else set()
+    inputs = set(step.input_paths())
     stage = f"perplexity-{w['metric']}" if step.stage == "evaluate_perplexity" else step.stage
     stage = "zero_shot" if stage == "evaluate_zero_shot" else stage
     result.timings.append(
         StageTiming(
-            stage, w.get("variant") or w.get("model", ""), layer, time.perf_counter() - started
+            stage,
+            w.get("variant") or w.get("model", ""),
+            layer,
+            seconds,
+            bytes_written=sum(file_bytes(p) for p in step.outputs.values()),
+            bytes_read=sum(file_bytes(p) for p in inputs - served),
+            bytes_from_memory=sum(file_bytes(p) for p in inputs & served),
         )
     )
 
@@ -65,7 +103,9 @@ def _run(cfg: RunConfig, evaluate: bool, report: bool, force: bool | None = None
     preflight.check(cfg, "runner", evaluate=evaluate, report=report, force=force)
     write_effective(cfg)
     plan = graph.Plan(cfg)
-    result = RunResult(plan.layout)
+    budget = handoff_budget(cfg.handoff_memory, available_memory("cpu"))
+    handoff = Handoff(budget) if budget > 0 else None
+    result = RunResult(plan.layout, handoff_budget=budget)
     if not plan.layout.model_json.exists():
         _timed(cfg, plan.step("prepare_model"), result, None)
     plan.info = load_checked(plan.layout.model_json, cfg.model.source)
@@ -76,13 +116,20 @@ def _run(cfg: RunConfig, evaluate: bool, report: bool, force: bool | None = None
     pending = set(need)  # keys of the steps still to run
     for step in steps:
         if step.stage == "report" or step.key in need:
-            _timed(cfg, step, result, plan.info.prune_layers)
+            _timed(cfg, step, result, plan.info.prune_layers, handoff)
             pending.discard(step.key)
             # An intermediate goes once no step that still has to run reads it.
             # (an intermediate nothing reads, the last dense layer's outputs, goes at once)
             for path in [*step.input_paths(), *step.temporary]:
                 if path in temporary and not any(r.key in pending for r in readers.get(path, [])):
                     remove_path(path)
+            if handoff is not None:  # memory goes once no stage of the chain still reads it
+                for path in [*step.input_paths(), *step.outputs.values()]:
+                    if not any(
+                        r.key in pending and r.stage in HANDED_OVER_TO
+                        for r in readers.get(path, [])
+                    ):
+                        handoff.forget(path)
     graph.remove_consumed_intermediates(steps)
     return result
 

@@ -21,14 +21,15 @@ import torch
 from rose import allocation as alloc
 from rose.artifacts import (
     ArtifactError,
-    H5Artifact,
     H5StreamWriter,
     atomic_write_json,
     check_provenance,
+    open_h5,
     read_json,
 )
 from rose.config import ConfigError, RunConfig, Variant
 from rose.device import compute_dtype, resolve_device, storage_dtype
+from rose.handoff import Handoff
 from rose.hessian import ColumnNorms
 from rose.model_info import ModelInfo, open_model
 from rose.provenance import (
@@ -56,6 +57,7 @@ def outlier_statistics(
     inputs_h5: str | Path,
     out_json: str | Path,
     out_h5: str | Path,
+    handoff: Handoff | None = None,
 ) -> dict[str, Any]:
     """The dense layer's outlier density for each configured m, and its outputs."""
     info = ModelInfo.load(model_json)
@@ -66,11 +68,13 @@ def outlier_statistics(
     module = _layer_module(checkpoint, fam, layer, device, dtype)
     widths = {name: _module_weight(module, units.units[name]).shape[1] for name in units.names()}
     expected = dense_inputs_provenance(cfg, info, layer)
-    with H5Artifact(Path(inputs_h5), expected) as probe:
+    with open_h5(Path(inputs_h5), expected, handoff) as probe:
         shape = probe.shape(HIDDEN)
     experts = list(range(units.num_experts))
     attrs = dense_inputs_provenance(cfg, info, layer + 1)
-    with H5StreamWriter(out_h5, HIDDEN, shape, storage_dtype(dtype), attrs) as writer:
+    with H5StreamWriter(
+        out_h5, HIDDEN, shape, storage_dtype(dtype), attrs, handoff=handoff
+    ) as writer:
 
         def write(out: torch.Tensor) -> None:
             if not bool(torch.isfinite(out).all()):
@@ -95,6 +99,7 @@ def outlier_statistics(
             shape[0],
             make_accumulator=ColumnNorms,
             on_output=write,
+            handoff=handoff,
         )
         del module
         prefix = fam.layer_prefix.format(index=layer)

@@ -16,6 +16,7 @@ from rose import data, family
 from rose.artifacts import H5Artifact, H5StreamWriter, write_h5
 from rose.config import RunConfig
 from rose.device import compute_dtype, resolve_device, storage_dtype
+from rose.handoff import Handoff
 from rose.model_info import ModelInfo, open_model
 from rose.provenance import calibration_provenance
 
@@ -39,7 +40,11 @@ def capture_calibration(cfg: RunConfig, model_json: str | Path, out_h5: str | Pa
 
 
 def embed_calibration(
-    cfg: RunConfig, model_json: str | Path, tokens_h5: str | Path, out_h5: str | Path
+    cfg: RunConfig,
+    model_json: str | Path,
+    tokens_h5: str | Path,
+    out_h5: str | Path,
+    handoff: Handoff | None = None,
 ) -> None:
     """Layer 0's inputs: the embedding outputs of the calibration tokens."""
     info = ModelInfo.load(model_json)
@@ -53,7 +58,9 @@ def embed_calibration(
     attrs = calibration_provenance(cfg, info, "layer-inputs")
     attrs.update(layer=0, variant="*")
     shape = (n, seqlen, info.hidden_size)
-    with H5StreamWriter(out_h5, HIDDEN, shape, storage_dtype(dtype), attrs) as writer:
+    with H5StreamWriter(
+        out_h5, HIDDEN, shape, storage_dtype(dtype), attrs, handoff=handoff
+    ) as writer:
         for start in range(0, n, cfg.calibration.batch_size):
             batch = tokens[start : start + cfg.calibration.batch_size]
             hidden = family.embed(weight, batch, fam)

@@ -29,8 +29,10 @@ from rose.artifacts import (
     ArtifactError,
     H5Artifact,
     H5StreamWriter,
+    MemoryH5,
     atomic_write_json,
     check_provenance,
+    open_h5,
     prefetch,
     read_json,
     read_pruned,
@@ -39,6 +41,7 @@ from rose.artifacts import (
 )
 from rose.config import RunConfig, Variant
 from rose.device import compute_dtype, resolve_device, storage_dtype
+from rose.handoff import Handoff
 from rose.hessian import HessianAccumulator, HessianWriter, available_memory
 from rose.methods import NEEDS_HESSIAN, prune_weight, reconstruction_error
 from rose.model_info import ModelInfo, open_model
@@ -119,9 +122,9 @@ def _layer_module(
 
 
 def _hidden_batches(
-    path: Path, expected: dict[str, Any], batch: int
-) -> tuple[H5Artifact, Iterator[torch.Tensor]]:
-    artifact = H5Artifact(path, expected)
+    path: Path, expected: dict[str, Any], batch: int, handoff: Handoff | None = None
+) -> tuple[H5Artifact | MemoryH5, Iterator[torch.Tensor]]:
+    artifact = open_h5(path, expected, handoff)
     return artifact, prefetch(artifact.iter_tensors(HIDDEN, batch))
 
 
@@ -188,6 +191,7 @@ def compute_hessians(
     inputs_h5: str | Path,
     out_h5: str | Path,
     memory_budget: int | None = None,
+    handoff: Handoff | None = None,
 ) -> dict[str, Any]:
     """H = (2/N) sum X^T X for every input group of the dense layer.
 
@@ -215,7 +219,7 @@ def compute_hessians(
         memory_budget = available_memory(device) // 2
     passes = _expert_passes(units, widths, memory_budget)
     expected = layer_inputs_provenance(cfg, info, variant, layer)
-    with H5Artifact(Path(inputs_h5), expected) as probe:
+    with open_h5(Path(inputs_h5), expected, handoff) as probe:
         total = probe.shape(HIDDEN)[0]
     if len(passes) > 1:
         log.info(
@@ -229,7 +233,7 @@ def compute_hessians(
     total_bytes = sum(4 * widths[g[0]] ** 2 for g in units.groups)
     provenance = hessians_provenance(cfg, info, variant, layer)
     routed = [0] * units.num_experts
-    with HessianWriter(out_h5, provenance, total_bytes) as writer:
+    with HessianWriter(out_h5, provenance, total_bytes, handoff=handoff) as writer:
         for number, chunk in enumerate(passes):
             groups = [
                 g
@@ -254,6 +258,7 @@ def compute_hessians(
                 f"layer {layer} hessians"
                 + (f" (pass {number + 1}/{len(passes)})" if len(passes) > 1 else ""),
                 total,
+                handoff=handoff,
             )
             for group in groups:  # written and freed one by one
                 _write_hessian(
@@ -280,6 +285,7 @@ def _hessian_pass(
     total,
     make_accumulator=None,
     on_output=None,
+    handoff: Handoff | None = None,
 ) -> dict[str, Any]:
     """One pass of the calibration inputs through the dense layer, accumulating `groups`' Hessians
     (the routed experts in `chunk`, counting their routed tokens into `routed`).
@@ -319,7 +325,7 @@ def _hessian_pass(
                 capture, with_kwargs=True
             )
         )
-    artifact, batches = _hidden_batches(inputs_h5, expected, cfg.calibration.batch_size)
+    artifact, batches = _hidden_batches(inputs_h5, expected, cfg.calibration.batch_size, handoff)
     started, done = time.perf_counter(), 0
     try:
         with torch.no_grad():
@@ -379,8 +385,10 @@ class _Hessians:
     """A layer's Hessians, read one group at a time as the units ask for them (units come
     group by group), so a mixture-of-experts layer's are never all in memory."""
 
-    def __init__(self, path: str | Path, expected: dict[str, Any], device):
-        self._art = H5Artifact(path, expected)
+    def __init__(
+        self, path: str | Path, expected: dict[str, Any], device, handoff: Handoff | None = None
+    ):
+        self._art = open_h5(path, expected, handoff)
         self._device = device
         self._key: str | None = None
         self._value: torch.Tensor | None = None
@@ -437,6 +445,7 @@ def compute_order(
     hessians_h5: str | Path,
     out_h5: str | Path,
     allocation_json: str | Path | None = None,
+    handoff: Handoff | None = None,
 ) -> None:
     """ROSE's column/block losses, relative range, columnar flag and permutation per unit."""
     info = ModelInfo.load(model_json)
@@ -449,7 +458,7 @@ def compute_order(
     reorder = cfg.prune.reorder if variant.method == "rose" else "never"
     datasets, group_attrs = {}, {}
     expected = hessians_provenance(cfg, info, variant, layer)
-    with _Hessians(hessians_h5, expected, device) as hessians:
+    with _Hessians(hessians_h5, expected, device, handoff) as hessians:
         for name in units.names():
             weight = read_unit(checkpoint, prefix, units.units[name]).to(device)
             hessian = hessians.get(units.group_of(name))
@@ -478,12 +487,14 @@ def compute_order(
         datasets,
         layer_provenance(cfg, info, "order", variant, layer),
         group_attrs=group_attrs,
+        handoff=handoff,
     )
 
 
-def _read_orders(cfg, info, variant, layer, names, order_h5) -> dict[str, Ordering]:
+def _read_orders(cfg, info, variant, layer, names, order_h5, handoff) -> dict[str, Ordering]:
     orders = {}
-    with H5Artifact(order_h5, layer_provenance(cfg, info, "order", variant, layer)) as art:
+    expected = layer_provenance(cfg, info, "order", variant, layer)
+    with open_h5(order_h5, expected, handoff) as art:
         for name in names:
             attrs = art.group_attrs(name)
             orders[name] = Ordering(
@@ -533,6 +544,7 @@ def prune_layer(
     out_safetensors: str | Path,
     out_stats: str | Path,
     allocation_json: str | Path | None = None,
+    handoff: Handoff | None = None,
 ) -> dict[str, Any]:
     """Prune every unit of one layer; write its weights (in the checkpoint's layout) and per-unit stats."""
     info = ModelInfo.load(model_json)
@@ -543,11 +555,15 @@ def prune_layer(
     units = layer_units(cfg, checkpoint, fam, layer)
     needs_hessian = variant.method in NEEDS_HESSIAN
     hessians = (
-        _Hessians(hessians_h5, hessians_provenance(cfg, info, variant, layer), device)
+        _Hessians(hessians_h5, hessians_provenance(cfg, info, variant, layer), device, handoff)
         if needs_hessian
         else None
     )
-    orders = _read_orders(cfg, info, variant, layer, units.names(), order_h5) if order_h5 else {}
+    orders = (
+        _read_orders(cfg, info, variant, layer, units.names(), order_h5, handoff)
+        if order_h5
+        else {}
+    )
     prefix = fam.layer_prefix.format(index=layer)
     pruned: dict[str, torch.Tensor] = {}
     stats: dict[str, Any] = {}
@@ -595,7 +611,9 @@ def prune_layer(
         if hessians is not None:
             hessians.close()
     provenance = layer_provenance(cfg, info, "pruned", variant, layer)
-    write_pruned(out_safetensors, _write_back(checkpoint, prefix, units, pruned, layer), provenance)
+    write_pruned(
+        out_safetensors, _write_back(checkpoint, prefix, units, pruned, layer), provenance, handoff
+    )
     # The sweep's float32 matmuls round differently with another thread count or device, so the
     # bytes are reproducible for the same (device, threads): recorded with every layer.
     numerics = {"device": str(device), "torch_threads": torch.get_num_threads()}
@@ -654,19 +672,26 @@ def forward_layer(
     inputs_h5: str | Path,
     pruned_safetensors: str | Path,
     out_h5: str | Path,
+    handoff: Handoff | None = None,
 ) -> None:
     """Run the calibration inputs through the pruned layer: the next layer's inputs."""
     info, variant, device, dtype, checkpoint, fam = _layer_context(cfg, model_json, variant_name)
-    pruned = read_pruned(pruned_safetensors, layer_provenance(cfg, info, "pruned", variant, layer))
+    pruned = read_pruned(
+        pruned_safetensors, layer_provenance(cfg, info, "pruned", variant, layer), handoff
+    )
     module = _layer_module(checkpoint, fam, layer, device, dtype, replace=pruned)
     expected = layer_inputs_provenance(cfg, info, variant, layer)
-    artifact, batches = _hidden_batches(Path(inputs_h5), expected, cfg.calibration.batch_size)
+    artifact, batches = _hidden_batches(
+        Path(inputs_h5), expected, cfg.calibration.batch_size, handoff
+    )
     shape = artifact.shape(HIDDEN)
     started, done = time.perf_counter(), 0
     try:
         attrs = layer_provenance(cfg, info, "layer-inputs", variant, layer + 1)
         with (
-            H5StreamWriter(out_h5, HIDDEN, shape, storage_dtype(dtype), attrs) as writer,
+            H5StreamWriter(
+                out_h5, HIDDEN, shape, storage_dtype(dtype), attrs, handoff=handoff
+            ) as writer,
             torch.no_grad(),
         ):
             for batch in batches:

@@ -1,12 +1,15 @@
 # Shared by all rules: the validated config, the plan (rose.plan: the one
 # description of the task graph) and the helpers that turn it into directives.
 import re
+import threading
 
 from snakemake.exceptions import WorkflowError
 
 from rose import plan as graph
 from rose.artifacts import hold_lock
 from rose.config import ConfigError, from_dict, write_effective
+from rose.handoff import Handoff, handoff_budget
+from rose.hessian import available_memory
 from rose.joblog import log_to
 from rose.model_info import ModelInfo
 from rose.provenance import check_run
@@ -32,6 +35,29 @@ onstart:
 
 
 RUN_LOCK = []  # the open lock file, held from onstart until the controller exits
+
+
+def _threads_handoff():
+    """Jobs that run as threads of this controller (the workstation profile) hand a layer's
+    artifacts to its next stage in memory, as `python -m rose run` does (rose.handoff). Never
+    in a cluster job or one process per job: nothing there would read the copy."""
+    settings = workflow.execution_settings  # known once jobs run, not while parsing
+    threads = settings is not None and settings.use_threads
+    if not (threads and workflow.is_main_process and workflow.local_exec):
+        return None
+    budget = handoff_budget(CFG.handoff_memory, available_memory("cpu"))
+    return Handoff(budget) if budget > 0 else None
+
+
+HANDOFF = []  # made by the first job (threads share it)
+HANDOFF_LOCK = threading.Lock()
+
+
+def job_handoff():
+    with HANDOFF_LOCK:
+        if not HANDOFF:
+            HANDOFF.append(_threads_handoff())
+        return HANDOFF[0]
 PLAN = graph.Plan(CFG)
 LAYOUT = PLAN.layout
 RUN = str(CFG.run_dir)
@@ -117,7 +143,7 @@ def plan_log(stage):
 
 def run_stage(stage, wildcards, log):
     with log_to(log[0]):
-        graph.execute(CFG, stage, dict(wildcards))
+        graph.execute(CFG, stage, dict(wildcards), job_handoff())
 
 
 def final_outputs(wildcards):
