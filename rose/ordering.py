@@ -74,7 +74,10 @@ def smallest_mask(values: torch.Tensor, count: int, dim: int | None = None) -> t
         below = flat < threshold
         ties = flat == threshold
         need = count - below.sum(dim=-1, keepdim=True)
-        mask = below | (ties & (torch.cumsum(ties, dim=-1) <= need))
+        if bool((ties.sum(dim=-1, keepdim=True) == need).all()):
+            mask = below | ties  # every tie is needed (the usual case): no running count
+        else:
+            mask = below | (ties & (torch.cumsum(ties, dim=-1) <= need))
     return mask.reshape(values.shape) if dim is None else mask.movedim(-1, dim)
 
 

@@ -12,7 +12,7 @@ from reference import ref_magnitude, ref_rose_order, ref_sweep, ref_wanda
 
 from rose.hessian import HessianAccumulator
 from rose.methods import PruneSettings, prune_weight, reconstruction_error
-from rose.ordering import rose_order
+from rose.ordering import rose_order, smallest_mask
 from rose.sparsity import Sparsity
 
 F64 = PruneSettings(compute_dtype=torch.float64)
@@ -280,3 +280,22 @@ def test_the_order_and_the_heatmap_share_one_selection(spec):
     order = rose_order(w, h, sparsity, 128, 0.5, "adaptive", with_loss_map=True)
     assert torch.equal(order.loss_map, loss_map(w, h, sparsity, 128))
     assert rose_order(w, h, sparsity, 128, 0.5, "adaptive").loss_map is None
+
+
+@pytest.mark.parametrize("levels", [3, 1_000_000])
+def test_smallest_mask_breaks_ties_to_the_lower_index(levels):
+    """Few distinct values (many ties, the running-count path) and almost none (every tie
+    needed, the fast path) both give a stable sort's first `count` entries."""
+    generator = torch.Generator().manual_seed(levels)
+    values = torch.randint(0, levels, (6, 257), generator=generator).float()
+    for count in (0, 1, 100, 256, 257):
+        mask = smallest_mask(values, count, dim=1)
+        stable = torch.sort(values, dim=1, stable=True).indices[:, :count]
+        expected = torch.zeros_like(mask).scatter_(1, stable, True)
+        assert torch.equal(mask, expected), count
+        whole = smallest_mask(values, count * 6)
+        first = torch.sort(values.reshape(-1), stable=True).indices[: count * 6]
+        assert torch.equal(
+            whole.reshape(-1),
+            torch.zeros(values.numel(), dtype=torch.bool).scatter_(0, first, True),
+        )
