@@ -6,6 +6,7 @@
         [--no-peer] [--peer-venv .venv-peer] [--no-install] [--workdir DIR] [--keep]
         [--out benchmarks/results/bench_owl.json]
     .venv/bin/python benchmarks/bench_owl.py --from-json benchmarks/results/bench_owl.json
+    .venv/bin/python benchmarks/bench_owl.py --from-json seed0.json seed1.json seed2.json
 
 Per calibration seed: ONE `python -m rose run` of a generated config with
 `methods` x `sparsities` x `allocation: [uniform, {kind: owl, m, lambda}]`
@@ -22,7 +23,11 @@ target checks:
 (b) rose-owl at least 10% below uniform rose at 70%;
 (c) rose-owl at or below llm-compressor's OWL SparseGPT at every sparsity.
 The raw per-run results go to `--out` (JSON, rewritten after every seed) and
-`--from-json` prints the tables again from it without running anything.
+`--from-json` prints the tables again from it without running anything; given
+several files (seeds run at different times, e.g. one per session), it checks
+that they measured the same thing (model, layers, calibration and evaluation
+settings, windows, OWL settings, methods, sparsities, threads, versions, dense
+perplexity) and reports their seeds together.
 
 Fairness, made checkable:
 - Same dense start: the model source (default `pypi:smollm2`) is prepared once
@@ -231,7 +236,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="raw per-run results, rewritten after every seed "
         "(default benchmarks/results/bench_owl.json, gitignored)",
     )
-    p.add_argument("--from-json", default=None, help="print the tables from this JSON; run nothing")
+    p.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        help="print the tables from this JSON (several: their seeds together); run nothing",
+    )
     args = p.parse_args(argv)
     if args.layers != "all" and not args.layers.isdigit():
         p.error("--layers takes an integer or 'all'")
@@ -795,6 +805,58 @@ def report(data: dict[str, Any]) -> None:
     print("\n".join(target_lines(runs, meta["methods"])))
 
 
+# Settings two result files must share for their seeds to be reported together.
+COMPARABLE = (
+    "model",
+    "layers",
+    "truncate",
+    "dtype",
+    "device",
+    "threads",
+    "methods",
+    "sparsities",
+    "owl_m",
+    "owl_lambda",
+    "blocksize",
+    "percdamp",
+    "dense_ppl",
+    "versions_main",
+    "versions_peer",
+)
+
+
+def merge_results(datas: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Several runs' JSON as one: the same settings (else exit naming the differing key), each
+    seed once; the meta records which file gave which seeds."""
+    first = datas[0]["meta"]
+    meta = json.loads(json.dumps(first))
+    runs: list[dict[str, Any]] = []
+    seen: dict[int, str] = {}
+    for data, name in zip(datas, names, strict=True):
+        other = data["meta"]
+        checks = {key: (first.get(key), other.get(key)) for key in COMPARABLE}
+        for key in ("source", "nsamples", "seqlen"):
+            checks[f"calibration.{key}"] = (first["calibration"][key], other["calibration"][key])
+        for key in ("name", "source", "windows", "seqlen", "sha", "batch_size"):
+            checks[f"evaluation.{key}"] = (first["evaluation"][key], other["evaluation"][key])
+        for key, (a, b) in checks.items():
+            if a != b:
+                sys.exit(f"bench_owl: {name} has {key} = {b!r}, {names[0]} has {a!r}")
+        for run in data["runs"]:
+            if seen.setdefault(run["seed"], name) != name:
+                sys.exit(f"bench_owl: seed {run['seed']} is in both {seen[run['seed']]} and {name}")
+        runs += data["runs"]
+        if other is not first:
+            meta["calibration"]["tokens_sha"].update(other["calibration"]["tokens_sha"])
+            meta["wall_s"].update(other["wall_s"])
+            meta["header"] += [f"({name}:)", *other["header"]]
+    meta["seeds"] = sorted(seen)
+    meta["command"] = "; ".join(
+        f"{d['meta']['command']}  [{n}]" for d, n in zip(datas, names, strict=True)
+    )
+    return {"benchmark": "bench_owl", "meta": meta, "runs": runs}
+
+
 # ---------------------------------------------------------------- the benchmark
 
 
@@ -958,8 +1020,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.path.insert(0, str(BENCH))
     args = parse_args(argv)
     if args.from_json:
-        data = json.loads(Path(args.from_json).read_text())
-        print(f"(printed from {args.from_json}; nothing was run)")
+        datas = [json.loads(Path(name).read_text()) for name in args.from_json]
+        data = merge_results(datas, args.from_json) if len(datas) > 1 else datas[0]
+        print(f"(printed from {', '.join(args.from_json)}; nothing was run)")
     else:
         command = shlex.join([".venv/bin/python", "benchmarks/bench_owl.py", *argv])
         data = run_benchmark(args, command)
