@@ -643,12 +643,12 @@ def write_pruned(
     One metadata key holding sorted JSON: safetensors writes several keys in
     random order, and the bytes must not vary between runs.
     """
-    stamped = {**provenance, "sha256": _tensors_checksum(tensors)}
+    stamped = json.dumps({**provenance, "sha256": _tensors_checksum(tensors)}, sort_keys=True)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={PROVENANCE_KEY: json.dumps(stamped, sort_keys=True)})
-    if handoff is not None:
+        save_file(tensors, str(tmp), metadata={PROVENANCE_KEY: stamped})
+    if handoff is not None:  # the provenance as a reader parses it from the file
         memory = MemoryTensors(
-            json.loads(json.dumps(stamped, sort_keys=True)),
+            json.loads(stamped),
             {name: t.detach().cpu().clone() for name, t in tensors.items()},
         )
         handoff.keep(path, memory, memory.nbytes)

@@ -9,23 +9,30 @@ checksum pass over gigabytes per layer at 7B and above. The writers of
 `rose.artifacts` therefore also hand their arrays to a `Handoff` (as `MemoryH5` /
 `MemoryTensors`), and the readers take them from it instead of the file. Every artifact is still written, atomically,
 so resume is unchanged; the memory copy is only served while the file on disk
-is the one this process wrote (same inode, size and mtime), and readers check
+is the one this process wrote (same device, inode and size; not the mtime, which
+Snakemake moves on every output it accepts), and readers check
 its provenance as they would the file's. The copy holds the very arrays the
 file holds, so a stage reads the same values either way: pruned weights are
 bit-identical with and without a handoff.
 
-Memory is bounded: an artifact larger than the budget is not kept, and the least
-recently used entries are dropped to make room. The runner drops an entry as
-soon as no later stage of the same layer reads it.
+Memory is bounded: an artifact larger than the budget is not kept, entries whose
+file was removed or replaced (Snakemake's temp() files, once consumed) go first
+and then the least recently used ones, to make room. The runner also drops an
+entry as soon as no later stage of the same layer reads it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rose.hessian import available_memory
+
+log = logging.getLogger("rose")
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,7 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
         st = path.stat()
     except OSError:
         return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_size
 
 
 class Handoff:
@@ -69,6 +76,8 @@ class Handoff:
             return
         with self._lock:
             self._entries.pop(path, None)
+            for stale in [p for p, e in self._entries.items() if _signature(p) != e.signature]:
+                del self._entries[stale]
             used = sum(e.nbytes for e in self._entries.values())
             while self._entries and used + nbytes > self.budget:
                 _, dropped = self._entries.popitem(last=False)
@@ -87,7 +96,8 @@ class Handoff:
                 return None
             self._entries.move_to_end(path)
             self._served.add(path)
-            return entry.value
+        log.info("%s: taken from memory, not read back (handoff)", path)
+        return entry.value
 
     def forget(self, path: str | Path) -> None:
         with self._lock:
@@ -100,19 +110,15 @@ class Handoff:
             return served
 
 
+def make_handoff(setting: float | str | None) -> Handoff | None:
+    """The handoff a process gets for its `handoff_memory` setting (None when it is 0)."""
+    budget = handoff_budget(setting, available_memory("cpu"))
+    return Handoff(budget) if budget > 0 else None
+
+
 def handoff_budget(setting: float | str | None, available: int) -> int:
     """The `handoff_memory` setting in bytes: `auto` is a quarter of the host's available
     memory at the start of the run; a number is GiB; 0 turns the handoff off."""
     if setting in (None, "auto"):
         return available // 4
     return int(float(setting) * 2**30)
-
-
-def file_bytes(path: Path) -> int:
-    """Size of a file, or of everything under a directory (0 when missing)."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0

@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rose import plan as graph
 from rose import preflight
 from rose.artifacts import exclusive_lock, remove_path
 from rose.config import RunConfig, write_effective
-from rose.handoff import Handoff, file_bytes, handoff_budget
-from rose.hessian import available_memory
+from rose.handoff import Handoff, make_handoff
 from rose.layout import RunLayout
 from rose.model_info import load_checked
 from rose.provenance import check_run
@@ -36,6 +36,16 @@ log = logging.getLogger("rose")
 # The stages whose artifacts are worth keeping for the next step: a layer's chain (the
 # embeddings and dense outputs feed it too). Reassembly, long after, reads from disk.
 HANDED_OVER_TO = frozenset({"shared_hessians", "outliers", "hessians", "order", "prune", "forward"})
+
+
+def _file_bytes(path: Path) -> int:
+    """Size of a file, or of everything under a directory (0 when missing)."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -89,9 +99,9 @@ def _timed(
             w.get("variant") or w.get("model", ""),
             layer,
             seconds,
-            bytes_written=sum(file_bytes(p) for p in step.outputs.values()),
-            bytes_read=sum(file_bytes(p) for p in inputs - served),
-            bytes_from_memory=sum(file_bytes(p) for p in inputs & served),
+            bytes_written=sum(_file_bytes(p) for p in step.outputs.values()),
+            bytes_read=sum(_file_bytes(p) for p in inputs - served),
+            bytes_from_memory=sum(_file_bytes(p) for p in inputs & served),
         )
     )
 
@@ -103,9 +113,8 @@ def _run(cfg: RunConfig, evaluate: bool, report: bool, force: bool | None = None
     preflight.check(cfg, "runner", evaluate=evaluate, report=report, force=force)
     write_effective(cfg)
     plan = graph.Plan(cfg)
-    budget = handoff_budget(cfg.handoff_memory, available_memory("cpu"))
-    handoff = Handoff(budget) if budget > 0 else None
-    result = RunResult(plan.layout, handoff_budget=budget)
+    handoff = make_handoff(cfg.handoff_memory)
+    result = RunResult(plan.layout, handoff_budget=handoff.budget if handoff else 0)
     if not plan.layout.model_json.exists():
         _timed(cfg, plan.step("prepare_model"), result, None)
     plan.info = load_checked(plan.layout.model_json, cfg.model.source)

@@ -29,7 +29,7 @@ from rose.artifacts import (
     write_h5,
     write_pruned,
 )
-from rose.handoff import Handoff, handoff_budget
+from rose.handoff import Handoff, handoff_budget, make_handoff
 from rose.hessian import HessianWriter
 
 PROV = {"kind": "test", "layer": 3}
@@ -115,6 +115,8 @@ def test_a_replaced_or_removed_file_is_never_served_from_memory(tmp_path):
     handoff = Handoff(1 << 30)
     path = tmp_path / "x.h5"
     write_h5(path, {"d": torch.ones(3)}, PROV, handoff=handoff)
+    os.utime(path, ns=(1, 1))  # Snakemake touches the outputs it accepts: still the same file
+    assert handoff.take(path) is not None
     replaced = tmp_path / "y.h5"
     write_h5(replaced, {"d": torch.zeros(3)}, PROV)
     os.replace(replaced, path)
@@ -144,10 +146,26 @@ def test_budget_is_respected_least_recently_used_first(tmp_path):
     assert handoff.drain_served() == set()
 
 
+def test_entries_of_removed_files_go_before_live_ones(tmp_path):
+    """Snakemake removes consumed temp() files behind the handoff's back: their memory is
+    released at the next keep, before any live entry is evicted."""
+    nbytes = 4 * 1000
+    handoff = Handoff(int(2.5 * nbytes))
+    live, removed, new = (tmp_path / f"{n}.h5" for n in ("live", "removed", "new"))
+    write_h5(live, {"d": torch.ones(1000)}, PROV, handoff=handoff)
+    write_h5(removed, {"d": torch.ones(1000)}, PROV, handoff=handoff)
+    removed.unlink()
+    write_h5(new, {"d": torch.ones(1000)}, PROV, handoff=handoff)
+    assert handoff.used == 2 * nbytes
+    assert handoff.take(live) is not None and handoff.take(new) is not None
+
+
 def test_handoff_budget_setting():
     assert handoff_budget("auto", 8 << 30) == 2 << 30
     assert handoff_budget(1.5, 8 << 30) == int(1.5 * 2**30)
     assert handoff_budget(0, 8 << 30) == 0
+    assert make_handoff(0) is None
+    assert make_handoff(0.5).budget == 2**29
 
 
 def _digest(run_dir) -> dict[str, str]:

@@ -57,6 +57,23 @@ def test_workflow_equals_in_process_runner(workflow_run, tmp_path):
         )
 
 
+def test_jobs_run_as_threads_hand_artifacts_over_in_memory(workflow_run):
+    """The fixture runs jobs as threads of the controller (the workstation profile's
+    setting): a layer's Hessians, order, prune and forward jobs take what the job before
+    wrote from memory (rose.handoff), as each job's own log records."""
+    run_dir, _ = workflow_run
+    logs = run_dir / "logs" / "rose-0.5"
+    for job, artifact in (
+        ("layer_1/hessians.log", "layer_1/inputs.h5"),
+        ("layer_1/order.log", "layer_1/hessians.h5"),
+        ("layer_1/prune.log", "layer_1/order.h5"),
+        ("layer_2/forward.log", "layer_1/pruned.safetensors"),  # layer 1's forward
+        ("layer_2/forward.log", "layer_1/inputs.h5"),
+    ):
+        text = (logs / job).read_text()
+        assert f"rose-0.5/{artifact}: taken from memory" in text, (job, text[-2000:])
+
+
 def test_intermediates_are_removed_by_default(workflow_run):
     run_dir, _ = workflow_run
     assert not list(run_dir.rglob("hessians.h5"))

@@ -306,6 +306,16 @@ def test_every_model_is_sized(tmp_path, name):
     assert prediction.snakemake.total >= prediction.runner.total >= prediction.final
     report = preflight.format_report(prediction, "snakemake", free=1e15)
     assert "peak, Snakemake" in report and "prune" in report
+    # the handoff holds three layers' inputs, one layer's Hessians and its pruned weights
+    largest = shape.largest_layer(shape.num_layers)
+    assert prediction.pruned_layer == largest.parameters * dtype_bytes
+    held = 3 * prediction.layer_inputs + prediction.hessians + prediction.pruned_layer
+    assert (
+        f"handoff (python -m rose run, workstation profile): up to {preflight.human(held)}"
+        in report
+    )
+    off = preflight.predict(_paper(tmp_path, _config_dir(tmp_path, name), handoff_memory=0))
+    assert "handoff" not in preflight.format_report(off, "snakemake", free=1e15)
 
 
 def test_mixtral_prune_gpu_memory_holds_every_experts_hessian(tmp_path):

@@ -8,8 +8,7 @@ from snakemake.exceptions import WorkflowError
 from rose import plan as graph
 from rose.artifacts import hold_lock
 from rose.config import ConfigError, from_dict, write_effective
-from rose.handoff import Handoff, handoff_budget
-from rose.hessian import available_memory
+from rose.handoff import make_handoff
 from rose.joblog import log_to
 from rose.model_info import ModelInfo
 from rose.provenance import check_run
@@ -45,8 +44,7 @@ def _threads_handoff():
     threads = settings is not None and settings.use_threads
     if not (threads and workflow.is_main_process and workflow.local_exec):
         return None
-    budget = handoff_budget(CFG.handoff_memory, available_memory("cpu"))
-    return Handoff(budget) if budget > 0 else None
+    return make_handoff(CFG.handoff_memory)
 
 
 HANDOFF = []  # made by the first job (threads share it)
