@@ -10,6 +10,7 @@ See shared/ROSE.md for the contract this implements.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +48,7 @@ class Ordering:
 def scores(weight: torch.Tensor, hessian_diag: torch.Tensor) -> torch.Tensor:
     """S_ij = |W_ij| * sqrt(H_jj): float32 (float64 for float64 weights); losses are summed in float64."""
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    return weight.to(dtype).abs() * hessian_diag.to(dtype).clamp_min(0).sqrt().unsqueeze(0)
+    return weight.to(dtype).abs().mul_(hessian_diag.to(dtype).clamp_min(0).sqrt().unsqueeze(0))
 
 
 def block_bounds(columns: int, width: int) -> list[tuple[int, int]]:
@@ -59,9 +60,10 @@ def smallest_mask(values: torch.Tensor, count: int, dim: int | None = None) -> t
     """Mask of the `count` smallest entries (of all, or of each slice along `dim`).
 
     Ties go to the lower index, exactly as a stable sort would order them, but
-    in O(n): the count-th smallest value by selection, everything below it, then
-    the first tied entries by a running count. Sorting whole blocks cost the
-    ROSE ordering and the sweep's block masks more than the OBS updates.
+    in O(n): the count-th smallest value by selection (a radix select for long
+    float32 slices on CPU, kthvalue otherwise), everything below it, then the
+    first tied entries by a running count. Sorting whole blocks cost the ROSE
+    ordering and the sweep's block masks more than the OBS updates.
     """
     flat = values.reshape(-1) if dim is None else values.movedim(dim, -1)
     length = flat.shape[-1]
@@ -70,30 +72,140 @@ def smallest_mask(values: torch.Tensor, count: int, dim: int | None = None) -> t
     elif count >= length:
         mask = torch.ones_like(flat, dtype=torch.bool)
     else:
-        threshold = torch.kthvalue(flat, count, dim=-1, keepdim=True).values
-        below = flat < threshold
-        ties = flat == threshold
-        need = count - below.sum(dim=-1, keepdim=True)
-        if bool((ties.sum(dim=-1, keepdim=True) == need).all()):
-            mask = below | ties  # every tie is needed (the usual case): no running count
-        else:
-            mask = below | (ties & (torch.cumsum(ties, dim=-1) <= need))
+        mask = _radix_mask(flat, count) if _radix_applies(flat) else None
+        if mask is None:
+            mask = _kthvalue_mask(flat, count)
     return mask.reshape(values.shape) if dim is None else mask.movedim(-1, dim)
+
+
+def _kthvalue_mask(flat: torch.Tensor, count: int) -> torch.Tensor:
+    threshold = torch.kthvalue(flat, count, dim=-1, keepdim=True).values
+    below = flat < threshold
+    ties = flat == threshold
+    need = count - below.sum(dim=-1, keepdim=True)
+    if bool((ties.sum(dim=-1, keepdim=True) == need).all()):
+        return below | ties  # every tie is needed (the usual case): no running count
+    return below | (ties & (torch.cumsum(ties, dim=-1) <= need))
+
+
+# Exact selection at memory speed on CPU for long slices: two 16-bit histograms of
+# the float32 bit patterns (non-negative floats order as their bits do) instead of
+# kthvalue's quickselect, which made the ordering 10-18% of the sweep at 7B shapes.
+RADIX_MIN_LENGTH = 1 << 16  # shorter slices: quickselect is as fast
+_RADIX_MAX_SLICES = 1024  # one histogram pass per slice, from Python
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _radix_applies(flat: torch.Tensor) -> bool:
+    return (
+        flat.dtype == torch.float32
+        and flat.device.type == "cpu"  # GPU kthvalue is already a radix select
+        and flat.shape[-1] >= RADIX_MIN_LENGTH
+        and flat.numel() // flat.shape[-1] <= _RADIX_MAX_SLICES
+    )
+
+
+def _radix_mask(flat: torch.Tensor, count: int) -> torch.Tensor | None:
+    """smallest_mask for float32 slices on CPU; None when a value is negative."""
+    rows = flat.reshape(-1, flat.shape[-1]).contiguous()
+    selections = [_radix_select(row, count) for row in rows]
+    if any(selection is None for selection in selections):
+        return None
+    thresholds = torch.tensor([s.value for s in selections], dtype=torch.float32)
+    mask = rows <= thresholds.unsqueeze(1)
+    for index, selection in enumerate(selections):
+        need = count - selection.below
+        if selection.equal != need:  # more ties than needed: the first `need` of them
+            row, value = rows[index], thresholds[index]
+            ties = row == value
+            mask[index] = (row < value) | (ties & (torch.cumsum(ties, dim=0) <= need))
+    return mask.reshape(flat.shape)
+
+
+@dataclass(frozen=True)
+class _Selection:
+    value: float  # the count-th smallest
+    below: int  # entries smaller than it
+    equal: int  # entries equal to it
+
+
+def _radix_select(row: torch.Tensor, count: int) -> _Selection | None:
+    """The count-th smallest of one contiguous float32 row from its bit patterns, or None
+    when a sign bit is set. High 16 bits first, then the low 16 bits of the entries
+    in the chosen high bin: two histogram passes and no data-dependent partitioning."""
+    halves = row.view(torch.uint16)
+    high_bits, low_bits = (
+        (halves[1::2], halves[0::2]) if _LITTLE_ENDIAN else (halves[0::2], halves[1::2])
+    )
+    high = high_bits.to(torch.int32)
+    histogram = torch.bincount(high, minlength=1 << 16)
+    if bool(histogram[1 << 15 :].any()):
+        return None
+    high_cumulative = histogram.cumsum(0)
+    high_bin = int(torch.searchsorted(high_cumulative, count))
+    below = int(high_cumulative[high_bin - 1]) if high_bin else 0
+    low = low_bits[high == high_bin].to(torch.int32)
+    low_cumulative = torch.bincount(low, minlength=1 << 16).cumsum(0)
+    low_bin = int(torch.searchsorted(low_cumulative, count - below))
+    before_low = int(low_cumulative[low_bin - 1]) if low_bin else 0
+    pattern = torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32)
+    return _Selection(
+        value=float(pattern.view(torch.float32)),
+        below=below + before_low,
+        equal=int(low_cumulative[low_bin]) - before_low,
+    )
 
 
 def smallest_per_row_groups(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Mask of the n smallest entries per row in every group of m columns."""
     rows, cols = values.shape
-    return smallest_mask(values.reshape(rows, cols // m, m), n, dim=-1).reshape(rows, cols)
+    groups = values.reshape(rows, cols // m, m)
+    if m <= _PAIRWISE_MAX_GROUP and groups.numel() >= _PAIRWISE_MIN_ENTRIES:
+        return (_pairwise_rank(groups) < n).reshape(rows, cols)
+    return smallest_mask(groups, n, dim=-1).reshape(rows, cols)
 
 
-def loss_matrix(score: torch.Tensor, sparsity: Sparsity, blocksize: int) -> torch.Tensor:
-    """Scores of the would-be-pruned weights (zero elsewhere), block by block."""
-    if sparsity.is_nm:
-        return score * smallest_per_row_groups(score, sparsity.n, sparsity.m)
+_PAIRWISE_MAX_GROUP = 8  # m(m-1)/2 comparisons per group
+_PAIRWISE_MIN_ENTRIES = 1 << 16  # below: fewer kernel launches with kthvalue
+
+
+def _pairwise_rank(groups: torch.Tensor) -> torch.Tensor:
+    """Each entry's position in a stable sort of its group, from one comparison per pair:
+    of entries i < j, j goes first only if strictly smaller. 2.5x faster than kthvalue
+    over millions of groups of four."""
+    m = groups.shape[-1]
+    rank = torch.zeros(groups.shape, dtype=torch.uint8, device=groups.device)
+    for i in range(m):
+        for j in range(i + 1, m):
+            j_first = groups[..., j] < groups[..., i]
+            rank[..., i] += j_first
+            rank[..., j] += ~j_first
+    return rank
+
+
+@dataclass
+class PrunedLosses:
+    """What ROSE's pre-pruning would cut, summed: the ordering's input and the heatmap's."""
+
+    column: torch.Tensor  # float64 [cols]: each column's would-be-pruned score
+    row_block: torch.Tensor | None  # float32 [rows, blocks of `blocksize`], for the heatmap
+
+
+def pruned_losses(
+    score: torch.Tensor, sparsity: Sparsity, blocksize: int, per_row: bool = False
+) -> PrunedLosses:
+    """Sums of the would-be-pruned scores per column (and per row and block when asked),
+    without materialising the masked score matrix: the masked blocks are summed in
+    the batched layout the selection used."""
     rows, cols = score.shape
+    if sparsity.is_nm:
+        chosen = score * smallest_per_row_groups(score, sparsity.n, sparsity.m)
+        return PrunedLosses(
+            column=_sum_rows(chosen, dim=0),
+            row_block=_row_block_sums(chosen, blocksize) if per_row else None,
+        )
     full = cols // blocksize
-    loss = torch.zeros_like(score)
+    column_parts, row_parts = [], []
     if full:  # all full-width blocks in one batched selection, each block flattened row-major
         blocks = (
             score[:, : full * blocksize]
@@ -102,14 +214,46 @@ def loss_matrix(score: torch.Tensor, sparsity: Sparsity, blocksize: int) -> torc
             .reshape(full, -1)
         )
         mask = smallest_mask(blocks, prune_count(rows * blocksize, sparsity.fraction), dim=1)
-        chosen = (blocks * mask).reshape(full, rows, blocksize).transpose(0, 1)
-        loss[:, : full * blocksize] = chosen.reshape(rows, full * blocksize)
+        shares_storage = blocks.untyped_storage().data_ptr() == score.untyped_storage().data_ptr()
+        chosen = blocks * mask if shares_storage else blocks.mul_(mask)  # in place on our copy
+        chosen = chosen.reshape(full, rows, blocksize)
+        column_parts.append(_sum_rows(chosen, dim=1).reshape(-1))
+        if per_row:
+            row_parts.append(chosen.sum(dim=2).T)
     if cols % blocksize:
         block = score[:, full * blocksize :]
-        loss[:, full * blocksize :] = block * smallest_mask(
-            block, prune_count(block.numel(), sparsity.fraction)
-        )
-    return loss
+        chosen = block * smallest_mask(block, prune_count(block.numel(), sparsity.fraction))
+        column_parts.append(_sum_rows(chosen, dim=0))
+        if per_row:
+            row_parts.append(chosen.sum(dim=1, keepdim=True))
+    return PrunedLosses(
+        column=torch.cat(column_parts),
+        row_block=torch.cat(row_parts, dim=1) if per_row else None,
+    )
+
+
+_PARTIAL_ROWS = 64
+
+
+def _sum_rows(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Float64 sums over `dim` from partial sums of 64 rows in the input dtype: an order of
+    magnitude faster than a float64 reduction of float32 input (which converts every
+    element), and a 64-term partial sum of non-negative terms is off by a few ulps at most."""
+    rows = values.shape[dim]
+    body = rows - rows % _PARTIAL_ROWS
+    total = torch.zeros(1, dtype=torch.float64, device=values.device)
+    if body:
+        partial = values.narrow(dim, 0, body).unflatten(dim, (body // _PARTIAL_ROWS, _PARTIAL_ROWS))
+        total = total + partial.sum(dim=dim + 1).sum(dim=dim, dtype=torch.float64)
+    if rows % _PARTIAL_ROWS:
+        total = total + values.narrow(dim, body, rows - body).sum(dim=dim, dtype=torch.float64)
+    return total
+
+
+def _row_block_sums(values: torch.Tensor, blocksize: int) -> torch.Tensor:
+    return torch.stack(
+        [values[:, a:b].sum(dim=1) for a, b in block_bounds(values.shape[1], blocksize)], dim=1
+    )
 
 
 def relative_range(block_loss: torch.Tensor) -> float:
@@ -149,8 +293,10 @@ def rose_order(
     bounds = block_bounds(columns, width)
     widths = torch.tensor([end - start for start, end in bounds], dtype=torch.float64)
 
-    loss = loss_matrix(scores(weight, torch.diagonal(hessian)), sparsity, blocksize)
-    column_loss = loss.sum(dim=0, dtype=torch.float64)
+    losses = pruned_losses(
+        scores(weight, torch.diagonal(hessian)), sparsity, blocksize, per_row=with_loss_map
+    )
+    column_loss = losses.column
     block_loss = _block_sums(column_loss, width).cpu() / widths
     spread = relative_range(block_loss)
     columnar = spread > threshold
@@ -177,7 +323,7 @@ def rose_order(
         columnar=columnar,
         reordered=reordered,
         threshold=threshold,
-        loss_map=_grouped(loss, blocksize) if with_loss_map else None,
+        loss_map=_row_groups(losses.row_block) if with_loss_map else None,
     )
 
 
@@ -205,17 +351,13 @@ def loss_map(
     row_groups: int = 64,
 ) -> torch.Tensor:
     """Would-be-pruned score summed over (row group, block) cells: the paper's motivation heatmap."""
-    return _grouped(
-        loss_matrix(scores(weight, torch.diagonal(hessian)), sparsity, blocksize),
-        blocksize,
-        row_groups,
+    losses = pruned_losses(
+        scores(weight, torch.diagonal(hessian)), sparsity, blocksize, per_row=True
     )
+    return _row_groups(losses.row_block, row_groups)
 
 
-def _grouped(loss: torch.Tensor, blocksize: int, row_groups: int = 64) -> torch.Tensor:
-    loss = loss.float().cpu()
-    rows = torch.tensor_split(torch.arange(loss.shape[0]), min(row_groups, loss.shape[0]))
-    per_block = torch.stack(
-        [loss[:, a:b].sum(dim=1) for a, b in block_bounds(loss.shape[1], blocksize)], dim=1
-    )
-    return torch.stack([per_block[r].sum(dim=0) for r in rows])
+def _row_groups(row_block: torch.Tensor, row_groups: int = 64) -> torch.Tensor:
+    row_block = row_block.float().cpu()
+    rows = torch.tensor_split(torch.arange(row_block.shape[0]), min(row_groups, row_block.shape[0]))
+    return torch.stack([row_block[r].sum(dim=0) for r in rows])

@@ -227,6 +227,22 @@ def test_hessian_accumulator_any_leading_shape():
     torch.testing.assert_close(acc4.finalize(), expected)
 
 
+@pytest.mark.parametrize("columns", [255, 256, 600, 1100])
+def test_hessian_from_the_upper_triangle_is_the_full_product(columns):
+    """Wide inputs accumulate only the upper triangle's row blocks (2 to 8 of them);
+    the result is X^T X, exactly symmetric, over several batches."""
+    g = torch.Generator().manual_seed(columns)
+    X = torch.randn(3, 40, columns, generator=g, dtype=torch.float64)
+    acc = HessianAccumulator(columns, dtype=torch.float64)
+    for k in range(3):
+        acc.add(X[k])
+    H = acc.finalize()
+    flat = X.reshape(-1, columns)
+    torch.testing.assert_close(H, 2.0 / 3 * flat.T @ flat)
+    assert torch.equal(H, H.T)
+    assert len(acc._row_blocks) == min(8, max(1, columns // 128))
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
@@ -299,3 +315,88 @@ def test_smallest_mask_breaks_ties_to_the_lower_index(levels):
             whole.reshape(-1),
             torch.zeros(values.numel(), dtype=torch.bool).scatter_(0, first, True),
         )
+
+
+def _stable_first(values: torch.Tensor, count: int) -> torch.Tensor:
+    """The reference: a stable sort's first `count` entries of each row."""
+    first = torch.sort(values, dim=1, stable=True).indices[:, :count]
+    return torch.zeros(values.shape, dtype=torch.bool).scatter_(1, first, True)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "few levels", "zeros and inf", "negative"])
+def test_radix_selection_gives_the_stable_sort_mask(kind):
+    """Long float32 rows on CPU take the two-histogram radix select: the same mask as a
+    stable sort, also with ties inside and across 16-bit bins, zeros, infinities, and
+    negative values (which fall back to kthvalue)."""
+    from rose import ordering
+
+    g = torch.Generator().manual_seed(7)
+    length = ordering.RADIX_MIN_LENGTH + 1000
+    values = torch.rand(3, length, generator=g)
+    if kind == "few levels":
+        values = torch.randint(0, 5, (3, length), generator=g).float() * 0.37
+    elif kind == "zeros and inf":
+        values[values < 0.3] = 0.0
+        values[values > 0.9] = float("inf")
+    elif kind == "negative":
+        values -= 0.5
+    radix_taken = ordering._radix_mask(values, 10) is not None
+    assert radix_taken == (kind != "negative")
+    for count in (1, length // 3, length // 2, length - 1):
+        mask = smallest_mask(values, count, dim=1)
+        assert mask.dtype == torch.bool
+        assert torch.equal(mask, _stable_first(values, count)), count
+        assert torch.equal(mask, ordering._kthvalue_mask(values, count)), count
+
+
+def test_pairwise_nm_masks_match_the_stable_sort():
+    """Millions of N:M groups go through pairwise ranks: the same masks as a stable sort,
+    ties to the lower index, for 2:4, 1:4 and 4:8."""
+    from rose.ordering import smallest_per_row_groups
+
+    g = torch.Generator().manual_seed(11)
+    values = torch.randint(0, 4, (512, 1024), generator=g).float()  # many ties
+    for n, m in [(2, 4), (1, 4), (4, 8)]:
+        mask = smallest_per_row_groups(values, n, m)
+        assert mask.dtype == torch.bool
+        groups = values.reshape(-1, m)
+        assert torch.equal(mask.reshape(-1, m), _stable_first(groups, n)), (n, m)
+
+
+@pytest.mark.parametrize("spec", ["0.5", "0.7", "2:4"])
+def test_column_losses_at_radix_sizes(spec):
+    """At rows x 128 blocks long enough for the radix path (and a narrow last block that is
+    not), the column losses are the would-be-pruned scores a stable sort picks, and the
+    heatmap's row sums add up to them."""
+    from rose.ordering import loss_map, pruned_losses, scores
+    from rose.sparsity import prune_count
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(1024, 300, generator=g)
+    x = torch.randn(600, 300, generator=g)
+    h = x.T @ x / 600
+    sparsity = Sparsity.parse(spec)
+    score = scores(w, torch.diagonal(h))
+    expected = torch.zeros_like(score)
+    if sparsity.is_nm:
+        groups = score.reshape(-1, sparsity.m)
+        keep = _stable_first(groups, sparsity.n).reshape(score.shape)
+        expected = score * keep
+    else:
+        for start in range(0, 300, 128):
+            block = score[:, start : start + 128]
+            chosen = _stable_first(
+                block.reshape(1, -1), prune_count(block.numel(), sparsity.fraction)
+            )
+            expected[:, start : start + 128] = block * chosen.reshape(block.shape)
+    losses = pruned_losses(score, sparsity, 128, per_row=True)
+    torch.testing.assert_close(losses.column, expected.sum(dim=0, dtype=torch.float64))
+    torch.testing.assert_close(
+        losses.row_block.sum(dim=0).double(),
+        torch.stack([losses.column[a : a + 128].sum() for a in range(0, 300, 128)]),
+        rtol=1e-5,
+        atol=0,
+    )
+    heatmap = loss_map(w, h, sparsity, 128)
+    assert heatmap.shape == (64, 3)
+    torch.testing.assert_close(heatmap.sum(dim=0).double(), losses.row_block.sum(dim=0).double())
