@@ -85,6 +85,11 @@ def _kthvalue_mask(flat: torch.Tensor, count: int) -> torch.Tensor:
     need = count - below.sum(dim=-1, keepdim=True)
     if bool((ties.sum(dim=-1, keepdim=True) == need).all()):
         return below | ties  # every tie is needed (the usual case): no running count
+    return _first_ties(below, ties, need)
+
+
+def _first_ties(below: torch.Tensor, ties: torch.Tensor, need: torch.Tensor | int) -> torch.Tensor:
+    """Everything below the threshold and the first `need` entries equal to it, by index."""
     return below | (ties & (torch.cumsum(ties, dim=-1) <= need))
 
 
@@ -117,8 +122,7 @@ def _radix_mask(flat: torch.Tensor, count: int) -> torch.Tensor | None:
         need = count - selection.below
         if selection.equal != need:  # more ties than needed: the first `need` of them
             row, value = rows[index], thresholds[index]
-            ties = row == value
-            mask[index] = (row < value) | (ties & (torch.cumsum(ties, dim=0) <= need))
+            mask[index] = _first_ties(row < value, row == value, need)
     return mask.reshape(flat.shape)
 
 
@@ -202,7 +206,7 @@ def pruned_losses(
         chosen = score * smallest_per_row_groups(score, sparsity.n, sparsity.m)
         return PrunedLosses(
             column=_sum_rows(chosen, dim=0),
-            row_block=_row_block_sums(chosen, blocksize) if per_row else None,
+            row_block=_block_sums(chosen, blocksize) if per_row else None,
         )
     full = cols // blocksize
     column_parts, row_parts = [], []
@@ -250,12 +254,6 @@ def _sum_rows(values: torch.Tensor, dim: int) -> torch.Tensor:
     return total
 
 
-def _row_block_sums(values: torch.Tensor, blocksize: int) -> torch.Tensor:
-    return torch.stack(
-        [values[:, a:b].sum(dim=1) for a, b in block_bounds(values.shape[1], blocksize)], dim=1
-    )
-
-
 def relative_range(block_loss: torch.Tensor) -> float:
     """(max - min) / max of the block losses; 0 when nothing would be pruned."""
     top = float(block_loss.max())
@@ -265,11 +263,12 @@ def relative_range(block_loss: torch.Tensor) -> float:
 
 
 def _block_sums(values: torch.Tensor, width: int) -> torch.Tensor:
-    """Sums over consecutive blocks of `width` (the last may be narrower), without a Python loop per block."""
-    full = values.numel() // width
-    sums = values[: full * width].reshape(full, width).sum(dim=1)
-    if values.numel() % width:
-        sums = torch.cat([sums, values[full * width :].sum().reshape(1)])
+    """Sums over consecutive blocks of `width` along the last dim (the last may be narrower),
+    without a Python loop per block."""
+    full = values.shape[-1] // width
+    sums = values[..., : full * width].unflatten(-1, (full, width)).sum(dim=-1)
+    if values.shape[-1] % width:
+        sums = torch.cat([sums, values[..., full * width :].sum(dim=-1, keepdim=True)], dim=-1)
     return sums
 
 
