@@ -400,3 +400,20 @@ def test_column_losses_at_radix_sizes(spec):
     heatmap = loss_map(w, h, sparsity, 128)
     assert heatmap.shape == (64, 3)
     torch.testing.assert_close(heatmap.sum(dim=0).double(), losses.row_block.sum(dim=0).double())
+
+
+@pytest.mark.parametrize("rows", [40, 64, 1000])
+def test_column_sums_from_64_row_partials(rows):
+    """The float64 column sums built from 64-row float32 partial sums (with a remainder,
+    without one, and only a remainder) agree with a float64 reduction within the error
+    bound of float32 summation over 64 terms, along either dim."""
+    from rose.ordering import _sum_rows
+
+    g = torch.Generator().manual_seed(rows)
+    values = torch.rand(3, rows, 130, generator=g) * 10
+    exact = values.double().sum(dim=1)
+    summed = _sum_rows(values, dim=1)
+    assert summed.dtype == torch.float64 and summed.shape == (3, 130)
+    bound = 64 * torch.finfo(torch.float32).eps / 2  # float32 summation of 64 non-negative terms
+    torch.testing.assert_close(summed, exact, rtol=bound, atol=0)
+    torch.testing.assert_close(_sum_rows(values[0], dim=0), exact[0], rtol=bound, atol=0)
