@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,6 @@ import h5py
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 if TYPE_CHECKING:
     from rose.handoff import Handoff
@@ -617,6 +617,115 @@ def open_h5(
     return H5Artifact(path, expected)
 
 
+# ---------------------------------------------------------------- safetensors files
+
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+class SafetensorsWriter:
+    """One safetensors file written as its tensors arrive: one tensor in memory at a time.
+
+    The header is reserved for the planned sizes and written last, padded with
+    spaces to the reserved length (the format allows it). With `exact` every tensor
+    must be as planned; without, a tensor may come out shorter (an export's sparse
+    values, known only once its weight is read), so the header can only shrink.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        planned: list[TensorSpec],
+        metadata: dict[str, str] | None = None,
+        exact: bool = False,
+    ):
+        self.path = path
+        self.planned = planned
+        self.metadata = metadata
+        self.exact = exact
+        self.actual: list[TensorSpec] = []
+        self._reserved = len(self._header(planned))
+        self._reserved += -self._reserved % 8
+        self._fh = path.open("wb")
+        self._fh.write(b"\0" * (8 + self._reserved))
+
+    def _header(self, specs: list[TensorSpec]) -> bytes:
+        header: dict[str, Any] = {"__metadata__": dict(self.metadata)} if self.metadata else {}
+        offset = 0
+        for spec in specs:
+            header[spec.name] = {
+                "dtype": SAFETENSORS_DTYPES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
+            offset += spec.nbytes
+        return json.dumps(header, separators=(",", ":")).encode()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        plan = self.planned[len(self.actual)]
+        shape = tuple(tensor.shape)
+        if (
+            name != plan.name
+            or tensor.dtype != plan.dtype
+            or len(shape) != len(plan.shape)
+            or any(a > b for a, b in zip(shape, plan.shape, strict=True))
+            or (self.exact and shape != tuple(plan.shape))
+        ):
+            raise ValueError(
+                f"{self.path}: expected {plan.name} {plan.dtype} <= {plan.shape}, got {name} {tensor.dtype} {shape}"
+            )
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        if flat.numel():
+            self._fh.write(flat.view(torch.uint8).numpy().data)  # no copy
+        self.actual.append(TensorSpec(name, tensor.dtype, shape))
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._fh.close()
+            return
+        try:
+            if len(self.actual) != len(self.planned):
+                raise ValueError(
+                    f"{self.path}: {len(self.actual)} of {len(self.planned)} tensors were written"
+                )
+            # The real header into the reserved space: it is never longer than the planned one.
+            blob = self._header(self.actual)
+            blob += b" " * (self._reserved - len(blob))
+            self._fh.seek(0)
+            self._fh.write(struct.pack("<Q", len(blob)))
+            self._fh.write(blob)
+        finally:
+            self._fh.close()
+
+
 # ---------------------------------------------------------------- pruned layers (safetensors)
 
 
@@ -640,12 +749,20 @@ def write_pruned(
 ) -> None:
     """One layer's pruned weights, atomically, stamped with provenance and a checksum.
 
-    One metadata key holding sorted JSON: safetensors writes several keys in
-    random order, and the bytes must not vary between runs.
+    The file is also a shard of the reassembled model (rose.stages.assemble links it
+    there): tensors under their checkpoint names, in name order, and the `format`
+    metadata transformers' loaders ask for. Written by SafetensorsWriter, whose header
+    keeps the metadata's order (safetensors' own writer orders keys at random, and the
+    bytes must not vary between runs).
     """
     stamped = json.dumps({**provenance, "sha256": _tensors_checksum(tensors)}, sort_keys=True)
+    names = sorted(tensors)
+    specs = [TensorSpec(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names]
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={PROVENANCE_KEY: stamped})
+        metadata = {"format": "pt", PROVENANCE_KEY: stamped}
+        with SafetensorsWriter(tmp, specs, metadata, exact=True) as writer:
+            for name in names:
+                writer.write(name, tensors[name])
     if handoff is not None:  # the provenance as a reader parses it from the file
         memory = MemoryTensors(
             json.loads(stamped),

@@ -13,7 +13,7 @@ import importlib.util
 import json
 import shutil
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from rose.artifacts import atomic_path, atomic_write_json
+from rose.artifacts import (
+    SAFETENSORS_DTYPES,
+    SafetensorsWriter,
+    TensorSpec,
+    atomic_path,
+    atomic_write_json,
+)
 from rose.errors import first_line
 
 INDEX = "model.safetensors.index.json"
@@ -158,6 +164,25 @@ class Checkpoint:
         return digest.hexdigest()[:16]
 
 
+def is_shard(file: Path) -> bool:
+    """A safetensors file transformers loads as a checkpoint shard (its `format` is pt)."""
+    try:
+        with file.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            metadata = json.loads(fh.read(min(length, 100 * 1024**2))).get("__metadata__") or {}
+    except (OSError, ValueError, struct.error):
+        return False
+    return metadata.get("format") == "pt"
+
+
+def _tensor_meta(file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of a safetensors file's tensors, from its header."""
+    by_code = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+    return {
+        name: (by_code[meta["dtype"]], tuple(meta["shape"])) for name, meta in _header(file).items()
+    }
+
+
 def _header(file: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (names, dtypes, shapes) without reading tensors."""
     try:
@@ -192,78 +217,24 @@ def _weight_map(path: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- writing
 
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * torch.empty((), dtype=self.dtype).element_size()
-
-
-def _write_safetensors(
-    path: Path,
-    specs: list[TensorSpec],
-    tensors: Iterator[tuple[str, torch.Tensor]],
-    metadata: dict[str, str] | None,
-) -> None:
-    """Write the header first, then each tensor as it arrives: one tensor in memory at a time."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for spec in specs:
-        header[spec.name] = {
-            "dtype": SAFETENSORS_DTYPES[spec.dtype],
-            "shape": list(spec.shape),
-            "data_offsets": [offset, offset + spec.nbytes],
-        }
-        offset += spec.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with path.open("wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
-        for spec in specs:
-            name, tensor = next(tensors)
-            if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-                raise ValueError(
-                    f"{path}: expected {spec.name} {spec.dtype} {spec.shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}"
-                )
-            flat = tensor.detach().cpu().contiguous().reshape(-1)
-            fh.write(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-
-
 def save_sharded(
     out_dir: str | Path,
     specs: list[TensorSpec],
     tensors: Iterable[tuple[str, torch.Tensor]],
     metadata: dict[str, str] | None = None,
     shard_bytes: int = SHARD_BYTES,
-) -> list[str]:
+    beside: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """Stream tensors (in `specs` order) into HF-style shards, plus an index when several.
 
     Memory stays at one tensor whatever the model size, so reassembling a 70B
-    model needs no more host memory than pruning one of its layers.
+    model needs no more host memory than pruning one of its layers. `beside`:
+    tensors already in out_dir (name -> file), which the index names too; the
+    shards are then always numbered, since transformers loads a `model.safetensors`
+    alone when one exists. Returns the weight map of the shards written.
     """
     out_dir = Path(out_dir)
+    beside = dict(beside or {})
     shards: list[list[TensorSpec]] = [[]]
     size = 0
     for spec in specs:
@@ -272,24 +243,30 @@ def save_sharded(
             size = 0
         shards[-1].append(spec)
         size += spec.nbytes
-    if len(shards) == 1:
+    if len(shards) == 1 and not beside:
         names = ["model.safetensors"]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     stream = iter(tensors)
     for name, shard in zip(names, shards, strict=True):
-        _write_safetensors(out_dir / name, shard, stream, metadata)
+        with SafetensorsWriter(out_dir / name, shard, metadata, exact=True) as writer:
+            for _ in shard:
+                writer.write(*next(stream))
     if next(stream, None) is not None:
         raise ValueError(f"{out_dir}: more tensors than planned")
-    if len(shards) > 1:
-        weight_map = {
-            spec.name: name for name, shard in zip(names, shards, strict=True) for spec in shard
-        }
-        total = sum(spec.nbytes for spec in specs)
-        atomic_write_json(
-            out_dir / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}
+    written = {spec.name: name for name, shard in zip(names, shards, strict=True) for spec in shard}
+    if len(shards) > 1 or beside:
+        total = sum(spec.nbytes for spec in specs) + sum(
+            TensorSpec(n, dtype, shape).nbytes
+            for file in sorted(set(beside.values()))
+            for n, (dtype, shape) in _tensor_meta(out_dir / file).items()
+            if n in beside
         )
-    return names
+        atomic_write_json(
+            out_dir / INDEX,
+            {"metadata": {"total_size": total}, "weight_map": {**beside, **written}},
+        )
+    return written
 
 
 # ---------------------------------------------------------------- sources
@@ -402,6 +379,10 @@ def _from_gguf(gguf: Path, out_dir: Path) -> Path:
     if (out_dir / "config.json").is_file():
         return out_dir
     try:
+        gguf_config(gguf)  # not a GGUF file, or an architecture rose cannot prune: say so now
+    except (OSError, ValueError, struct.error) as exc:  # the messages name the file
+        raise ModelSourceError(first_line(exc)) from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
@@ -432,3 +413,129 @@ def _from_hub(
             f"model.source {source}: cannot download from the Hugging Face hub ({first_line(exc)})"
         ) from None
     return _from_directory(path, out_dir, allow_pickle, trust_remote_code)
+
+
+# ---------------------------------------------------------------- GGUF headers
+# The one GGUF reader of the project: the pre-flight sizes a GGUF model from its header, and
+# preparing one checks its header before transformers dequantises the whole file.
+
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "phi3": "phi3",
+}
+# GGUF value types (gguf spec): the size of each scalar, and the two variable-length kinds.
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _gguf_header(path: Path) -> tuple[dict[str, Any], set[str]]:
+    """Scalar metadata and tensor names of a GGUF file, reading only its header.
+
+    (gguf.GGUFReader parses the whole tokenizer into Python objects: seconds.)
+    Arrays are skipped, but their length is kept (the vocabulary size).
+    """
+    with path.open("rb") as fh:
+
+        def read(fmt: str) -> Any:
+            size = struct.calcsize(fmt)
+            return struct.unpack(fmt, fh.read(size))[0]
+
+        def string() -> str:
+            return fh.read(read("<Q")).decode("utf-8", "replace")
+
+        def skip(kind: int) -> None:
+            if kind == _GGUF_STRING:
+                fh.seek(read("<Q"), 1)
+            else:
+                fh.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
+
+        if fh.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file")
+        version = read("<I")
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is not supported")
+        n_tensors, n_kv = read("<Q"), read("<Q")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, kind = string(), read("<I")
+            if kind == _GGUF_STRING:
+                meta[key] = string()
+            elif kind == _GGUF_ARRAY:
+                item, count = read("<I"), read("<Q")
+                meta[key] = count  # only its length is kept
+                if item == _GGUF_STRING:
+                    for _ in range(count):
+                        skip(item)
+                elif item in _GGUF_SCALARS:
+                    fh.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
+                else:
+                    raise ValueError(f"{path}: nested GGUF array in {key}")
+            elif kind in _GGUF_SCALARS:
+                meta[key] = read(_GGUF_SCALARS[kind])
+            else:
+                raise ValueError(f"{path}: unknown GGUF value type {kind} for {key}")
+        names = set()
+        for _ in range(n_tensors):
+            names.add(string())
+            fh.seek(8 * read("<I") + 4 + 8, 1)  # dims, type, offset
+    return meta, names
+
+
+def gguf_config(path: Path) -> Any:
+    """A transformers config from a GGUF header (the fields the shapes need; no tensor read)."""
+    from transformers import AutoConfig
+
+    meta, names = _gguf_header(path)
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelSourceError(f"{path}: GGUF architecture {arch!r} is not supported")
+
+    def key(name: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{name}", default)
+
+    hidden = int(key("embedding_length"))
+    heads = int(key("attention.head_count"))
+    fields: dict[str, Any] = {
+        "hidden_size": hidden,
+        "num_hidden_layers": int(key("block_count")),
+        "intermediate_size": int(key("feed_forward_length", 4 * hidden)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+        "head_dim": int(key("attention.key_length", hidden // heads)),
+        "vocab_size": int(key("vocab_size", meta.get("tokenizer.ggml.tokens", 0))),
+        "max_position_embeddings": key("context_length"),
+        "tie_word_embeddings": "output.weight" not in names,
+    }
+    if key("expert_count"):
+        experts = int(key("expert_count"))
+        fields["num_local_experts" if arch == "llama" else "num_experts"] = experts
+        fields["num_experts_per_tok"] = int(key("expert_used_count", 1))
+        if key("expert_feed_forward_length"):
+            fields["moe_intermediate_size"] = int(key("expert_feed_forward_length"))
+        if key("expert_shared_feed_forward_length"):
+            fields["shared_expert_intermediate_size"] = int(
+                key("expert_shared_feed_forward_length")
+            )
+    model_type = GGUF_ARCHITECTURES[arch]
+    if model_type == "llama" and fields.get("num_local_experts"):
+        model_type = "mixtral"
+    return AutoConfig.for_model(model_type, **fields)

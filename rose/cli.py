@@ -63,7 +63,33 @@ def _parser() -> argparse.ArgumentParser:
                 help="whose disk peak to check: snakemake (every variant's intermediates at once, "
                 "the larger) or runner (python -m rose run, variant by variant) (default: %(default)s)",
             )
+    text = "check an export against its export.json, or decompress a compressed one"
+    export = sub.add_parser("export", help=text, description=text)
+    actions = export.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("verify", help="check every file of an export against its export.json")
+    p.add_argument("directory", type=Path)
+    p = actions.add_parser(
+        "decompress", help="a compressed export -> a plain dense model directory"
+    )
+    p.add_argument("source", type=Path)
+    p.add_argument("target", type=Path)
     return parser
+
+
+def _export(args) -> int:
+    """`rose export verify DIR` | `rose export decompress SRC DST`."""
+    from rose import export
+
+    if args.action == "decompress":
+        print(export.decompress_export(args.source, args.target))
+        return 0
+    record = export.verify_export(args.directory)
+    ratio = record["sizes"]["ratio"]
+    print(
+        f"{args.directory}: {record['format']} export of {record['variant']}, "
+        f"{len(record['files'])} files verified, weights {ratio:.4f} of dense"
+    )
+    return 0
 
 
 def _load(args):
@@ -81,6 +107,8 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(
         level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
+    if args.command == "export":
+        return _export(args)
     cfg = _load(args)
     if args.command == "check":
         from rose.config import effective

@@ -8,7 +8,7 @@ Everything downstream reads these dataclasses, never the raw dict.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,32 @@ import jsonschema
 import yaml
 
 from rose.allocation import LAYERS, OWL, UNIFORM, Allocation
+from rose.artifacts import atomic_write_text
 from rose.data import TextSource
-from rose.methods import PruneSettings
+from rose.export import ExportError, check_formats
+from rose.layout import RunLayout
+from rose.methods import METHODS, PruneSettings
 from rose.sparsity import Sparsity
+
+
+@dataclass(frozen=True)
+class MoeSettings:
+    """The `moe:` section (mixture-of-experts models only); these defaults are the config's."""
+
+    # Every expert's Hessians from all calibration tokens (llm-compressor's default), so
+    # rarely chosen experts are not pruned blind; the layer output still uses the real routing.
+    calibrate_all_experts: bool = True
+    # Prune the router gates (`mlp.gate`, Qwen2-MoE's `shared_expert_gate`) too.
+    prune_router: bool = False
+
+
+def _prune_defaults() -> dict[str, Any]:
+    """`prune:`'s defaults are PruneSettings' own (the compute dtype is not a setting)."""
+    settings = PruneSettings()
+    return {
+        f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "compute_dtype"
+    }
+
 
 DEFAULTS: dict[str, Any] = {
     "results_dir": "results",
@@ -28,16 +51,10 @@ DEFAULTS: dict[str, Any] = {
     "handoff_memory": "auto",
     "model": {"revision": None, "dtype": "auto", "trust_remote_code": False, "allow_pickle": False},
     "calibration": {"seed": 0, "batch_size": 8},
-    "prune": {
-        "blocksize": 128,
-        "percdamp": 0.01,
-        "threshold": 0.5,
-        "reorder": "adaptive",
-        "layers": None,
-    },
+    "prune": {**_prune_defaults(), "layers": None},
     "evaluation": None,
     "export": {"formats": ["dense"]},
-    "moe": {"calibrate_all_experts": True, "prune_router": False},
+    "moe": asdict(MoeSettings()),
 }
 EVAL_DEFAULTS: dict[str, Any] = {"batch_size": 4, "perplexity": [], "zero_shot": None}
 ZERO_SHOT_DEFAULTS: dict[str, Any] = {
@@ -123,6 +140,16 @@ class Variant:
     def name(self) -> str:
         return f"{self.method}-{self.target}"
 
+    @property
+    def needs_hessian(self) -> bool:
+        """Its layer chain computes Hessians (and so carries each layer's inputs)."""
+        return METHODS[self.method].needs_hessian
+
+    @property
+    def needs_order(self) -> bool:
+        """Its layer chain has an `order` stage."""
+        return METHODS[self.method].needs_order
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -170,17 +197,16 @@ class RunConfig:
         """The outlier thresholds the dense statistics pass measures (one pass for all)."""
         return tuple(sorted({a.m for a in self.allocations if a.kind == OWL}))
 
-    def shared_layer_provenance(self) -> dict[str, Any]:
-        """What decides the dense layer's statistics on the shared calibration inputs (layer 0's
-        Hessians, every layer's outlier statistics): the calibration, and how experts see it."""
-        out = dict(self.calibration_provenance())
-        if self.raw["moe"] != DEFAULTS["moe"]:
-            out["moe"] = self.raw["moe"]
-        return out
+    @property
+    def moe(self) -> MoeSettings:
+        """The `moe:` settings (read from the effective settings, defaults filled in)."""
+        return MoeSettings(**self.raw["moe"])
 
-    def dense_statistics_provenance(self) -> dict[str, Any]:
-        """What decides the dense pass's outlier statistics (shared by every OWL variant)."""
-        return {**self.shared_layer_provenance(), "owl_m": list(self.owl_m_values)}
+    @property
+    def moe_if_changed(self) -> dict[str, Any]:
+        """{"moe": the settings} when they differ from the defaults, else {}: what the section
+        adds to provenance and the run's identity, so runs made before it existed keep theirs."""
+        return {} if self.raw["moe"] == DEFAULTS["moe"] else {"moe": self.raw["moe"]}
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -189,23 +215,6 @@ class RunConfig:
         raise ConfigError(
             f"variant {name!r} is not in this config (have: {', '.join(v.name for v in self.variants)})"
         )
-
-    def calibration_provenance(self) -> dict[str, Any]:
-        """What decides the calibration tokens and layer-0 inputs."""
-        return {"calibration": self.raw["calibration"], "model_dtype": self.model.dtype}
-
-    def variant_provenance(self, variant: Variant) -> dict[str, Any]:
-        """What decides a variant's per-layer artifacts (everything upstream included)."""
-        out = {
-            **self.calibration_provenance(),
-            "variant": variant.name,
-            "prune": {k: v for k, v in self.raw["prune"].items() if k != "layers"},
-        }
-        if self.raw["moe"] != DEFAULTS["moe"]:  # only then: existing runs keep their hashes
-            out["moe"] = self.raw["moe"]
-        if not variant.allocation.is_uniform:  # likewise: uniform variants keep theirs
-            out["allocation"] = variant.allocation.settings()
-        return out
 
 
 def schema() -> dict[str, Any]:
@@ -327,6 +336,9 @@ def from_dict(given: dict[str, Any]) -> RunConfig:
     )
 
 
+DEFAULT_ALLOCATION = Allocation()  # OWL's m and lambda when an entry leaves them out
+
+
 def _allocations(value: Any, sparsities: tuple[Sparsity, ...]) -> tuple[Allocation, ...]:
     """The `allocation:` entries (schema-checked) as records; names unique, no N:M with OWL."""
     entries = value if isinstance(value, list) else [value]
@@ -362,8 +374,8 @@ def _allocations(value: Any, sparsities: tuple[Sparsity, ...]) -> tuple[Allocati
             Allocation(
                 kind=kind,
                 name=name,
-                m=float(spec.get("m", 5.0)),
-                lam=float(spec.get("lambda", 0.08)),
+                m=float(spec.get("m", DEFAULT_ALLOCATION.m)),
+                lam=float(spec.get("lambda", DEFAULT_ALLOCATION.lam)),
                 fractions=tuple(float(f) for f in spec.get("fractions", ())),
                 sparsities=tuple(float(s) for s in spec.get("sparsities", ())),
                 key=key,
@@ -380,8 +392,6 @@ def _allocations(value: Any, sparsities: tuple[Sparsity, ...]) -> tuple[Allocati
 
 def _export_formats(raw: dict[str, Any]) -> tuple[str, ...]:
     """An unknown format, or `compressed` without its package, stops the run before any work."""
-    from rose.export import ExportError, check_formats
-
     formats = (raw.get("export") or {}).get("formats", [])
     try:
         return tuple(check_formats(formats))
@@ -423,9 +433,6 @@ def effective(cfg: RunConfig) -> str:
 
 def write_effective(cfg: RunConfig) -> Path:
     """Record the effective settings of this invocation (results/<run>/config.effective.yaml)."""
-    from rose.artifacts import atomic_write_text
-    from rose.layout import RunLayout
-
     path = RunLayout(cfg.run_dir).effective_config
     atomic_write_text(path, effective(cfg))
     return path

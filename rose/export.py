@@ -40,15 +40,12 @@ such a directory without decompressing it; use `rose.export.load_model` there.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
-import struct
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -58,7 +55,7 @@ from typing import Any
 import torch
 
 from rose import checkpoint as ckpt
-from rose.artifacts import ArtifactError, atomic_path, atomic_write_json, config_hash, read_json
+from rose.artifacts import ArtifactError, atomic_path, atomic_write_json, read_json
 from rose.sparsity import Sparsity
 
 FORMATS = ("dense", "compressed")
@@ -221,78 +218,6 @@ def _upper_bound(spec: ckpt.TensorSpec, fmt: str) -> list[ckpt.TensorSpec]:
     }
     module = spec.name.removesuffix(".weight")
     return [ckpt.TensorSpec(f"{module}.{part}", dtypes[part], shapes[part]) for part in PARTS[fmt]]
-
-
-# ---------------------------------------------------------------- streaming safetensors writer
-
-
-class _ShardWriter:
-    """One safetensors file whose tensors may come out smaller than planned (sparse values).
-
-    The header is reserved for the planned (largest) sizes and written last; it can
-    only get shorter, and is padded with spaces to the reserved length. Tensors are
-    written as they arrive: one in memory at a time.
-    """
-
-    def __init__(self, path: Path, planned: list[ckpt.TensorSpec], metadata: dict[str, str]):
-        self.path = path
-        self.planned = planned
-        self.metadata = metadata
-        self.actual: list[ckpt.TensorSpec] = []
-        self._reserved = len(self._header(planned))
-        self._reserved += -self._reserved % 8
-        self._fh = path.open("wb")
-        self._fh.write(b"\0" * (8 + self._reserved))
-
-    def _header(self, specs: list[ckpt.TensorSpec]) -> bytes:
-        header: dict[str, Any] = {"__metadata__": self.metadata}
-        offset = 0
-        for spec in specs:
-            header[spec.name] = {
-                "dtype": ckpt.SAFETENSORS_DTYPES[spec.dtype],
-                "shape": list(spec.shape),
-                "data_offsets": [offset, offset + spec.nbytes],
-            }
-            offset += spec.nbytes
-        return json.dumps(header, separators=(",", ":")).encode()
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        plan = self.planned[len(self.actual)]
-        shape = tuple(tensor.shape)
-        if (
-            name != plan.name
-            or tensor.dtype != plan.dtype
-            or len(shape) != len(plan.shape)
-            or any(a > b for a, b in zip(shape, plan.shape, strict=True))
-        ):
-            raise ValueError(
-                f"{self.path}: expected {plan.name} {plan.dtype} <= {plan.shape}, got {name} {tensor.dtype} {shape}"
-            )
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        if flat.numel():
-            self._fh.write(flat.view(torch.uint8).numpy().data)  # no copy
-        self.actual.append(ckpt.TensorSpec(name, tensor.dtype, shape))
-
-    def __enter__(self) -> _ShardWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self._fh.close()
-            return
-        try:
-            if len(self.actual) != len(self.planned):
-                raise ValueError(
-                    f"{self.path}: {len(self.actual)} of {len(self.planned)} tensors were written"
-                )
-            # The real header into the reserved space: it is never longer than the planned one.
-            blob = self._header(self.actual)
-            blob += b" " * (self._reserved - len(blob))
-            self._fh.seek(0)
-            self._fh.write(struct.pack("<Q", len(blob)))
-            self._fh.write(blob)
-        finally:
-            self._fh.close()
 
 
 def _shard_plan(
@@ -505,37 +430,6 @@ class ExportRequest:
     run: str = ""
 
 
-def export_model(
-    cfg: Any,
-    model_json: str | Path,
-    variant_name: str,
-    fmt: str,
-    out_dir: str | Path,
-    shard_bytes: int = ckpt.SHARD_BYTES,
-) -> dict[str, Any]:
-    """`<variant>/model/` -> `<variant>/export/<fmt>/` (atomic), with model card and export.json.
-
-    The model card carries every evaluation of this variant (and of dense) that
-    exists in the run directory when the export runs; the workflow makes the
-    evaluations inputs of this step, so they are all there.
-    """
-    from rose.layout import RunLayout
-    from rose.model_info import ModelInfo
-
-    check_formats([fmt])
-    info = ModelInfo.load(model_json)
-    variant = cfg.variant(variant_name)
-    request = ExportRequest(
-        variant=variant.name,
-        sparsity=variant.sparsity,
-        model_dir=RunLayout(cfg.run_dir).model_dir(variant.name),
-        fingerprint=info.fingerprint,
-        config_hash=config_hash(cfg.variant_provenance(variant)),
-        run=cfg.run,
-    )
-    return export_directory(request, fmt, out_dir, run_dir=cfg.run_dir, shard_bytes=shard_bytes)
-
-
 def export_directory(
     request: ExportRequest,
     fmt: str,
@@ -679,7 +573,7 @@ def _write_compressed(
     weight_map: dict[str, str] = {}
     source = iter(names)
     for file, shard in zip(files, shards, strict=True):
-        with _ShardWriter(
+        with ckpt.SafetensorsWriter(
             out / file, [spec for group in shard for spec in group], {"format": "pt"}
         ) as writer:
             for _ in shard:
@@ -729,36 +623,3 @@ def _write_compressed(
             "linear_ratio": stored_linear / dense_linear if dense_linear else None,
         },
     }
-
-
-# ---------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m rose.export decompress SRC DST` | `verify DIR`."""
-    parser = argparse.ArgumentParser(prog="python -m rose.export", description=main.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("decompress", help="a compressed export -> a plain dense model directory")
-    p.add_argument("source", type=Path)
-    p.add_argument("target", type=Path)
-    p = sub.add_parser("verify", help="check every file of an export against its export.json")
-    p.add_argument("directory", type=Path)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "decompress":
-            print(decompress_export(args.source, args.target))
-        else:
-            record = verify_export(args.directory)
-            ratio = record["sizes"]["ratio"]
-            print(
-                f"{args.directory}: {record['format']} export of {record['variant']}, "
-                f"{len(record['files'])} files verified, weights {ratio:.4f} of dense"
-            )
-    except (ArtifactError, ExportError, ckpt.ModelSourceError, OSError) as exc:
-        print(f"rose: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

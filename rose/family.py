@@ -392,6 +392,10 @@ def layer_units(
 def unit_shapes(config, index: int) -> dict[str, tuple[int, int]]:
     """[rows, in] of every unit of layer `index` (transformers' names; router included)."""
     fam, layer = _meta_layer(config, index)
+    return _unit_shapes(fam, layer, index)
+
+
+def _unit_shapes(fam: Family, layer: torch.nn.Module, index: int) -> dict[str, tuple[int, int]]:
     units = _layer_units(fam, layer, index, None, prune_router=True)
     params = dict(layer.named_parameters())
     out = {}
@@ -403,6 +407,31 @@ def unit_shapes(config, index: int) -> dict[str, tuple[int, int]]:
             shape = (unit.rows[1] - unit.rows[0], *shape[1:])
         out[name] = shape
     return out
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """What sizing needs of one decoder layer, from one meta-device build: the units it prunes
+    (router left dense), every unit's [rows, in] and how many weights the whole layer has."""
+
+    units: LayerUnits
+    shapes: Mapping[str, tuple[int, int]] = field(hash=False)
+    parameters: int
+
+
+def layer_summary(config, index: int) -> LayerSummary:
+    fam, layer = _meta_layer(config, index)
+    return LayerSummary(
+        _layer_units(fam, layer, index, None, prune_router=False),
+        _unit_shapes(fam, layer, index),
+        sum(p.numel() for p in layer.parameters()),
+    )
+
+
+def has_experts(config, index: int) -> bool:
+    """Layer `index` has routed experts (a mixture-of-experts row's sparse layer)."""
+    fam = family_for(config)
+    return fam.experts is not None and _has_experts(fam, _meta_layer(config, index)[1])
 
 
 def _check_experts(fam: Family, layer: torch.nn.Module, index: int) -> None:

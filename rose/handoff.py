@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rose.hessian import available_memory
+from rose.device import available_memory
 
 log = logging.getLogger("rose")
 

@@ -17,7 +17,6 @@ attribute per dataset that `H5Artifact` verifies).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,58 +127,6 @@ def expert_hessian_bytes(hidden: int, intermediate: int, dtype: torch.dtype = to
     return (hidden * hidden + intermediate * intermediate) * torch.empty(
         (), dtype=dtype
     ).element_size()
-
-
-def available_memory(device: torch.device | str) -> int:
-    """Bytes a stage can still allocate on `device`: free GPU memory, or the host's available
-    memory bounded by the job's cgroup limit (SLURM jobs see the node's /proc/meminfo)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    candidates = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                candidates.append(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    headroom = _cgroup_headroom()
-    if headroom is not None:
-        candidates.append(headroom)
-    if not candidates:
-        candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    return max(0, min(candidates))
-
-
-def _cgroup_headroom() -> int | None:
-    """Memory limit minus usage of this process's cgroup (v2 or v1), None when unlimited."""
-    root = Path("/sys/fs/cgroup")
-    files = []
-    try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if controllers == "":
-                files += [
-                    (root / path.lstrip("/"), "memory.max", "memory.current"),
-                    (root, "memory.max", "memory.current"),
-                ]
-            elif "memory" in controllers.split(","):
-                base = root / "memory"
-                files += [
-                    (base / path.lstrip("/"), "memory.limit_in_bytes", "memory.usage_in_bytes"),
-                    (base, "memory.limit_in_bytes", "memory.usage_in_bytes"),
-                ]
-    except (OSError, ValueError):
-        return None
-    found = []
-    for directory, limit, usage in files:
-        try:
-            text = (directory / limit).read_text().strip()
-            if text != "max" and int(text) < 1 << 60:
-                found.append(int(text) - int((directory / usage).read_text().strip()))
-        except (OSError, ValueError):
-            continue
-    return min(found) if found else None
 
 
 class HessianWriter:

@@ -13,22 +13,26 @@ from dataclasses import dataclass
 import torch
 
 from rose.ordering import (
+    REORDER_MODES,
+    THRESHOLD,
     Ordering,
     rose_order,
     scores,
     smallest_mask,
     smallest_per_row_groups,
 )
-from rose.sparsity import Sparsity, prune_count
-from rose.sweep import sweep
+from rose.sparsity import BLOCKSIZE, Sparsity, prune_count
+from rose.sweep import PERCDAMP, sweep
 
 
 @dataclass(frozen=True)
 class PruneSettings:
-    blocksize: int = 128
-    percdamp: float = 0.01
-    threshold: float = 0.5
-    reorder: str = "adaptive"  # adaptive | always | never (ROSE only)
+    """The `prune:` settings every method reads; these defaults are the config's."""
+
+    blocksize: int = BLOCKSIZE
+    percdamp: float = PERCDAMP
+    threshold: float = THRESHOLD
+    reorder: str = REORDER_MODES[0]  # adaptive | always | never (ROSE only)
     compute_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
@@ -142,17 +146,28 @@ def prune_dense(weight, hessian, sparsity, settings, ordering=None) -> PruneResu
 
 PruneFn = Callable[..., PruneResult]
 
-METHODS: dict[str, PruneFn] = {
-    "rose": prune_rose,
-    "sparsegpt": prune_sparsegpt,
-    "wanda": prune_wanda,
-    "magnitude": prune_magnitude,
-    "dense": prune_dense,
-}
 
-NEEDS_HESSIAN = frozenset({"rose", "sparsegpt", "wanda"})
-# Methods whose layer chain has an `order` stage (SparseGPT: the identity order, kept for the plots).
-NEEDS_ORDER = frozenset({"rose", "sparsegpt"})
+@dataclass(frozen=True)
+class Method:
+    """One pruning method and what its layer chain needs."""
+
+    name: str
+    prune: PruneFn
+    needs_hessian: bool = False  # the chain computes Hessians (and so each layer's inputs)
+    # the chain has an `order` stage (SparseGPT: the identity order, kept for the plots)
+    needs_order: bool = False
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("rose", prune_rose, needs_hessian=True, needs_order=True),
+        Method("sparsegpt", prune_sparsegpt, needs_hessian=True, needs_order=True),
+        Method("wanda", prune_wanda, needs_hessian=True),
+        Method("magnitude", prune_magnitude),
+        Method("dense", prune_dense),
+    )
+}
 
 
 def prune_weight(
@@ -174,12 +189,13 @@ def prune_weight(
     if not isinstance(sparsity, Sparsity):
         sparsity = Sparsity.parse(sparsity)
     settings = settings or PruneSettings()
-    if method in NEEDS_HESSIAN and hessian is None:
+    spec = METHODS[method]
+    if spec.needs_hessian and hessian is None:
         raise ValueError(f"{what}: method {method!r} needs a Hessian")
-    validate(weight, hessian if method in NEEDS_HESSIAN else None, sparsity, what)
+    validate(weight, hessian if spec.needs_hessian else None, sparsity, what)
     started = time.perf_counter()
     with torch.no_grad():
-        result = METHODS[method](weight, hessian, sparsity, settings, ordering)
+        result = spec.prune(weight, hessian, sparsity, settings, ordering)
     if weight.is_cuda:
         torch.cuda.synchronize(weight.device)
     result.seconds = time.perf_counter() - started

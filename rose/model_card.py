@@ -414,7 +414,7 @@ def _load_section(export: Mapping[str, Any] | None, manifest: Mapping[str, Any])
         'model = load_model("path/to/this/directory")            # weights bit-identical to the dense export',
         "```",
         "",
-        "or write a plain dense copy: `python -m rose.export decompress path/to/this/directory dense-copy/`.",
+        "or write a plain dense copy: `python -m rose export decompress path/to/this/directory dense-copy/`.",
         "",
         "The format saves disk, not time: once loaded the model is dense in memory. For 2:4 speed see "
         "`benchmarks/bench_inference.py` (PyTorch semi-structured sparse kernels, CUDA compute capability 8.0+).",

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rose.sparsity import Sparsity, prune_count
+from rose.sparsity import BLOCKSIZE, Sparsity, prune_count
 
-REORDER_MODES = ("adaptive", "always", "never")
+REORDER_MODES = ("adaptive", "always", "never")  # the first is the default
+# A layer is columnar when its block losses' relative range exceeds this (the paper's 0.5).
+THRESHOLD = 0.5
 
 
 @dataclass
@@ -277,9 +279,9 @@ def rose_order(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     sparsity: Sparsity,
-    blocksize: int = 128,
-    threshold: float = 0.5,
-    reorder: str = "adaptive",
+    blocksize: int = BLOCKSIZE,
+    threshold: float = THRESHOLD,
+    reorder: str = REORDER_MODES[0],
     with_loss_map: bool = False,
 ) -> Ordering:
     """Decide the sweep order of one Linear (blocks of `blocksize`, or N:M groups).
@@ -347,7 +349,7 @@ def loss_map(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     sparsity: Sparsity,
-    blocksize: int = 128,
+    blocksize: int = BLOCKSIZE,
     row_groups: int = 64,
 ) -> torch.Tensor:
     """Would-be-pruned score summed over (row group, block) cells: the paper's motivation heatmap."""

@@ -1,12 +1,13 @@
-"""The task graph, described once: the steps a config needs, what each reads and writes.
+"""Scheduling: the steps a config needs, in what order, what must run, and what may go.
 
-Both drivers execute this description. `rose.runner` walks it in one process;
-the Snakemake rules take their inputs, outputs, `temp()` flags and wildcard
-constraints from it and call `execute` for the work. So the two drivers agree
-on every path and on when an intermediate may go, and can continue each
-other's run directories.
+Both drivers execute this plan. `rose.runner` walks it in one process; the
+Snakemake rules take their inputs, outputs, `temp()` flags and log paths from
+it and call `execute` for the work. So the two drivers agree on every path and
+on when an intermediate may go, and can continue each other's run directories.
 
-A step is one stage at one place: a stage (`hessians`) plus its wildcards
+Everything about a stage itself (its wildcards, files, steps, the call) is in
+its record (`rose.stages.STAGES`); this module only combines records. A step is
+one stage at one place: a stage (`hessians`) plus its wildcards
 (`variant=rose-0.5, layer=3`). Paths come from `rose.layout.RunLayout`; the
 Snakemake output patterns are the same layout calls with `{variant}`-style
 placeholders, so there is one source for every file name.
@@ -14,147 +15,18 @@ placeholders, so there is one source for every file name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rose.allocation import LAYERS, OWL
 from rose.artifacts import remove_path
-from rose.config import ConfigError, RunConfig
+from rose.config import ConfigError, RunConfig, Variant
 from rose.handoff import Handoff
 from rose.layout import DENSE, RunLayout
-from rose.methods import NEEDS_HESSIAN, NEEDS_ORDER
 from rose.model_info import ModelInfo, load_checked
-
-PathSet = Path | list[Path]
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One kind of step: its wildcards, its outputs (by name) and which of them are intermediates."""
-
-    name: str
-    wildcards: tuple[str, ...]
-    outputs: Callable[[RunLayout, Mapping[str, str]], dict[str, Path]]
-    temporary: frozenset[str] = (
-        frozenset()
-    )  # outputs removed once every step that reads them has run
-    directories: frozenset[str] = frozenset()  # outputs that are directories
-    gpu: bool = False  # tensor math: runs on the GPU when the config's device allows
-
-
-def _layer(w: Mapping[str, str]) -> int | str:
-    """An int for concrete steps, the `{layer}` placeholder itself for Snakemake patterns."""
-    value = w["layer"]
-    return int(value) if str(value).isdigit() else value
-
-
-STAGES: dict[str, Stage] = {
-    s.name: s
-    for s in (
-        Stage("prepare_model", (), lambda L, w: {"model": L.model_json}),
-        Stage("capture_calibration", (), lambda L, w: {"tokens": L.tokens}),
-        Stage(
-            "embed_calibration",
-            (),
-            lambda L, w: {"inputs": L.inputs(DENSE, 0)},
-            frozenset({"inputs"}),
-            gpu=True,
-        ),
-        # Layer 0's Hessians: the dense layer on the shared embeddings, the same for every variant.
-        Stage(
-            "shared_hessians",
-            (),
-            lambda L, w: {"hessians": L.shared_hessians},
-            frozenset({"hessians"}),
-            gpu=True,
-        ),
-        # OWL's dense statistics pass: the dense layer on the dense inputs, measuring its
-        # outliers; its outputs are the next layer's dense inputs (the last layer's go unread).
-        Stage(
-            "outliers",
-            ("layer",),
-            lambda L, w: {
-                "outliers": L.outliers(_layer(w)),
-                "outputs": L.dense_outputs(_layer(w)),
-            },
-            frozenset({"outputs"}),
-            gpu=True,
-        ),
-        # Per-layer sparsities of one non-uniform target, shared by every method.
-        Stage(
-            "allocate",
-            ("allocation",),
-            lambda L, w: {"allocation": L.allocation(w["allocation"])},
-        ),
-        Stage(
-            "hessians",
-            ("variant", "layer"),
-            lambda L, w: {"hessians": L.variant_hessians(w["variant"], _layer(w))},
-            frozenset({"hessians"}),
-            gpu=True,
-        ),
-        Stage(
-            "order",
-            ("variant", "layer"),
-            lambda L, w: {"order": L.order(w["variant"], _layer(w))},
-            gpu=True,
-        ),
-        Stage(
-            "prune",
-            ("variant", "layer"),
-            lambda L, w: {
-                "pruned": L.pruned(w["variant"], _layer(w)),
-                "stats": L.stats(w["variant"], _layer(w)),
-            },
-            gpu=True,
-        ),
-        # The pruned layer i-1 run on its inputs: layer i's inputs (layer >= 1; layer 0 is the embedding).
-        Stage(
-            "forward",
-            ("variant", "layer"),
-            lambda L, w: {"inputs": L.forward_inputs(w["variant"], _layer(w))},
-            frozenset({"inputs"}),
-            gpu=True,
-        ),
-        Stage(
-            "assemble",
-            ("variant",),
-            lambda L, w: {"model_dir": L.model_dir(w["variant"])},
-            directories=frozenset({"model_dir"}),
-        ),
-        Stage(
-            "evaluate_perplexity",
-            ("model", "metric"),
-            lambda L, w: {"result": L.perplexity(w["model"], w["metric"])},
-            gpu=True,
-        ),
-        Stage(
-            "evaluate_zero_shot",
-            ("model",),
-            lambda L, w: {"result": L.zero_shot(w["model"])},
-            gpu=True,
-        ),
-        # A shippable copy of a variant (dense: hard links; compressed: compressed-tensors
-        # bitmasks) with its model card, made once the variant's evaluations exist.
-        Stage(
-            "export",
-            ("variant", "format"),
-            lambda L, w: {"export_dir": L.export_dir(w["variant"], w["format"])},
-            directories=frozenset({"export_dir"}),
-        ),
-        Stage(
-            "report",
-            (),
-            lambda L, w: {
-                "csv": L.report_dir / "summary.csv",
-                "md": L.report_dir / "summary.md",
-                "plots": L.report_dir / "plots",
-            },
-            directories=frozenset({"plots"}),
-        ),
-    )
-}
+from rose.stages import STAGES
+from rose.stages.spec import EVALUATE, PRUNE, REPORT, PathSet, Stage, StageContext
 
 
 @dataclass(frozen=True)
@@ -168,6 +40,10 @@ class Step:
     @property
     def key(self) -> tuple[str, tuple[tuple[str, str], ...]]:
         return self.stage, self.wildcards
+
+    @property
+    def record(self) -> Stage:
+        return STAGES[self.stage]
 
     def input_paths(self) -> list[Path]:
         return [
@@ -187,7 +63,7 @@ class Plan:
         self.cfg = cfg
         self._info: ModelInfo | None = None
         self.layout = RunLayout(cfg.run_dir)
-        self.variants = {v.name: v for v in cfg.variants}
+        self.variants: dict[str, Variant] = {v.name: v for v in cfg.variants}
         # one allocation per non-uniform target, shared by the methods: 'owl-0.7' -> a variant
         self.allocations = {v.target: v for v in cfg.variants if not v.allocation.is_uniform}
         self.info = info
@@ -203,7 +79,14 @@ class Plan:
             check_allocation_lengths(self.cfg, info.prune_layers)
         self._info = info
 
-    # ------------------------------------------------------------ names for the rules
+    @property
+    def depth(self) -> int:
+        """Decoder layers the run prunes."""
+        if self.info is None:
+            raise RuntimeError("the model's depth is known only after prepare_model (model.json)")
+        return self.info.prune_layers
+
+    # ------------------------------------------------------------ names for the records and rules
 
     @property
     def models(self) -> list[str]:
@@ -223,16 +106,17 @@ class Plan:
         evaluation = self.cfg.evaluation
         return [p.name for p in evaluation.perplexity] if evaluation else []
 
+    @property
+    def zero_shot(self) -> bool:
+        return self.cfg.evaluation is not None and self.cfg.evaluation.zero_shot is not None
+
     def is_temporary(self, stage: str, output: str) -> bool:
         return not self.cfg.keep_intermediates and output in STAGES[stage].temporary
 
     def output_patterns(self, stage: str) -> dict[str, str]:
         """Outputs with Snakemake wildcards in place of the values (`{variant}`, `{layer}`, ...)."""
-        spec = STAGES[stage]
-        return {
-            k: str(v)
-            for k, v in spec.outputs(self.layout, {w: f"{{{w}}}" for w in spec.wildcards}).items()
-        }
+        placeholders = {w: f"{{{w}}}" for w in STAGES[stage].wildcards}
+        return {k: str(v) for k, v in STAGES[stage].outputs(self.layout, placeholders).items()}
 
     def log_path(self, stage: str, wildcards: Mapping[str, str]) -> Path:
         return self.layout.log(stage, {w: wildcards[w] for w in STAGES[stage].wildcards})
@@ -242,145 +126,105 @@ class Plan:
 
     # ------------------------------------------------------------ one step
 
-    def _depth(self) -> int:
-        if self.info is None:
-            raise RuntimeError("the model's depth is known only after prepare_model (model.json)")
-        return self.info.prune_layers
-
     def outputs(self, stage: str, wildcards: Mapping[str, str]) -> dict[str, Path]:
         return STAGES[stage].outputs(self.layout, wildcards)
 
     def inputs(self, stage: str, wildcards: Mapping[str, str]) -> dict[str, PathSet]:
-        """What a step reads; the one description both drivers use."""
-        L = self.layout
-        if stage == "prepare_model":
-            return {}
-        inputs: dict[str, PathSet] = {"model": L.model_json}
-        if stage == "embed_calibration":
-            inputs["tokens"] = L.tokens
-        elif stage == "shared_hessians":
-            inputs["inputs"] = L.inputs(DENSE, 0)
-        elif stage == "outliers":
-            inputs["inputs"] = L.inputs(DENSE, int(wildcards["layer"]))
-        elif stage == "allocate":
-            if self.allocations[wildcards["allocation"]].allocation.kind == OWL:
-                inputs["outliers"] = [L.outliers(i) for i in range(self._depth())]
-        elif stage in ("hessians", "order", "prune", "forward"):
-            variant, layer = wildcards["variant"], int(wildcards["layer"])
-            method = self.variants[variant].method
-            if stage == "hessians":
-                inputs["inputs"] = L.inputs(variant, layer)
-            elif stage == "order":
-                inputs["hessians"] = L.hessians(variant, layer)
-            elif stage == "prune":
-                if method in NEEDS_HESSIAN:
-                    inputs["hessians"] = L.hessians(variant, layer)
-                if method in NEEDS_ORDER:
-                    inputs["order"] = L.order(variant, layer)
-            else:
-                inputs["inputs"] = L.inputs(variant, layer - 1)
-                inputs["pruned"] = L.pruned(variant, layer - 1)
-            if stage in ("order", "prune") and not self.variants[variant].allocation.is_uniform:
-                inputs["allocation"] = L.allocation(self.variants[variant].target)
-        elif stage == "assemble":
-            layers = range(self._depth())
-            inputs["pruned"] = [L.pruned(wildcards["variant"], i) for i in layers]
-            inputs["stats"] = [L.stats(wildcards["variant"], i) for i in layers]
-        elif stage in ("evaluate_perplexity", "evaluate_zero_shot"):
-            if (
-                wildcards["model"] != DENSE
-            ):  # dense is the prepared checkpoint that model.json names
-                inputs["model_dir"] = L.model_dir(wildcards["model"])
-        elif stage == "export":
-            variant = wildcards["variant"]
-            inputs["model_dir"] = L.model_dir(variant)
-            # the model card quotes every evaluation of the variant and of dense
-            inputs["evals"] = [
-                p for p in self.evaluation_outputs() if p.parent.parent.name in (variant, DENSE)
-            ]
-        elif stage == "report":
-            inputs["models"] = [L.model_dir(v) for v in self.variants]
-            inputs["evals"] = self.evaluation_outputs()
-            inputs["exports"] = self.export_outputs()
+        """What a step reads: model.json (every stage but the one that writes it), then its own."""
+        record = STAGES[stage]
+        inputs: dict[str, PathSet] = {"model": self.layout.model_json} if record.reads_model else {}
+        inputs.update(record.inputs(self, wildcards))
         return inputs
 
     def step(self, stage: str, **wildcards: str | int) -> Step:
-        spec = STAGES[stage]
-        w = {k: str(wildcards[k]) for k in spec.wildcards}
+        record = STAGES[stage]
+        w = {k: str(wildcards[k]) for k in record.wildcards}
         outputs = self.outputs(stage, w)
         temporary = frozenset(
             path for name, path in outputs.items() if self.is_temporary(stage, name)
         )
         return Step(stage, tuple(w.items()), self.inputs(stage, w), outputs, temporary)
 
+    def model_step(self) -> Step:
+        """The step that writes model.json: it runs before the depth is known."""
+        return next(self.step(n) for n, r in STAGES.items() if not r.reads_model)
+
+    def context(self, stage: str, handoff: Handoff | None = None, **wildcards: str | int):
+        """What the stage function of one step is called with."""
+        step = self.step(stage, **wildcards)
+        return StageContext(
+            self.cfg, stage, dict(step.wildcards), step.inputs, step.outputs, self.info, handoff
+        )
+
     # ------------------------------------------------------------ the whole graph
 
+    def stage_steps(self, stage: str) -> list[Step]:
+        """Every step of one stage in this run."""
+        return [self.step(stage, **w) for w in STAGES[stage].steps(self)]
+
+    def outputs_of(self, *stages: str) -> list[Path]:
+        """The outputs of every step of `stages` (their inputs are not needed: the model's depth
+        need not be known yet, so `rule all` can ask for them before prepare_model ran)."""
+        return [
+            path
+            for stage in stages
+            for w in STAGES[stage].steps(self)
+            for path in self.outputs(stage, {k: str(v) for k, v in w.items()}).values()
+        ]
+
     def evaluation_outputs(self) -> list[Path]:
-        evaluation = self.cfg.evaluation
-        if evaluation is None:
-            return []
-        out = [self.layout.perplexity(m, name) for m in self.models for name in self.metrics]
-        if evaluation.zero_shot is not None:
-            out += [self.layout.zero_shot(m) for m in self.models]
-        return out
+        return self.outputs_of("evaluate_perplexity", "evaluate_zero_shot")
 
     def export_outputs(self) -> list[Path]:
-        return [
-            self.layout.export_dir(v, f) for v in self.variants for f in self.cfg.export_formats
-        ]
+        return self.outputs_of("export")
 
-    def variant_steps(self, variant: str) -> Iterator[Step]:
-        """A variant's layer chain, layer by layer, then its reassembly."""
-        method = self.variants[variant].method
-        depth = self._depth()
-        for layer in range(depth):
-            if method in NEEDS_HESSIAN and layer > 0:  # layer 0's: shared_hessians
-                yield self.step("hessians", variant=variant, layer=layer)
-            if method in NEEDS_ORDER:
-                yield self.step("order", variant=variant, layer=layer)
-            yield self.step("prune", variant=variant, layer=layer)
-            if method in NEEDS_HESSIAN and layer + 1 < depth:
-                yield self.step("forward", variant=variant, layer=layer + 1)
-        yield self.step("assemble", variant=variant)
-
-    def steps(self, evaluate: bool = True, report: bool = True) -> list[Step]:
-        """Every step of the run in an order that respects dependencies (variant by variant)."""
-        out = [
-            self.step("prepare_model"),
-            self.step("capture_calibration"),
-            self.step("embed_calibration"),
-        ]
-        if any(v.method in NEEDS_HESSIAN for v in self.variants.values()):
-            out.append(self.step("shared_hessians"))
-        if self.uses_outliers:
-            out += [self.step("outliers", layer=i) for i in range(self._depth())]
-        out += [self.step("allocate", allocation=t) for t in self.allocations]
-        for variant in self.variants:
-            out.extend(self.variant_steps(variant))
-        if evaluate and self.cfg.evaluation is not None:
-            for model in self.models:
-                out.extend(
-                    self.step("evaluate_perplexity", model=model, metric=m) for m in self.metrics
-                )
-                if self.cfg.evaluation.zero_shot is not None:
-                    out.append(self.step("evaluate_zero_shot", model=model))
-        if evaluate:  # exports carry the evaluations in their model cards
-            for variant in self.variants:
-                out.extend(
-                    self.step("export", variant=variant, format=f) for f in self.cfg.export_formats
-                )
-        if report:
-            out.append(self.step("report"))
-        return out
+    @staticmethod
+    def _phases(evaluate: bool, report: bool) -> set[str]:
+        return {PRUNE} | ({EVALUATE} if evaluate else set()) | ({REPORT} if report else set())
 
     def targets(self, evaluate: bool = True, report: bool = True) -> list[Path]:
-        """What a finished run has: every reassembled model, the evaluations, the report."""
-        out = [self.layout.model_dir(v) for v in self.variants]
-        if evaluate:
-            out += self.evaluation_outputs() + self.export_outputs()
-        if report:
-            out.append(self.layout.report_dir / "summary.csv")
+        """What a finished run has: the outputs of its final stages (the reassembled models,
+        then the evaluations and exports, then the report), phase by phase."""
+        out = []
+        for phase in (PRUNE, EVALUATE, REPORT):
+            if phase in self._phases(evaluate, report):
+                out += self.outputs_of(
+                    *(n for n, r in STAGES.items() if r.final and r.phase == phase)
+                )
         return out
+
+    def steps(self, evaluate: bool = True, report: bool = True) -> list[Step]:
+        """Every step of the run, each after the producers of its inputs: in the order the
+        targets ask for them, depth first, so the runner goes variant by variant, layer by
+        layer, and a layer's stages run back to back (what the in-memory handoff needs)."""
+        phases = self._phases(evaluate, report)
+        every = [
+            step
+            for name, record in STAGES.items()
+            if record.phase in phases
+            for step in self.stage_steps(name)
+        ]
+        made_by = producers(every)
+        ordered: list[Step] = []
+        seen: set[tuple] = set()
+        roots = [made_by[t] for t in self.targets(evaluate, report)] + every
+        for root in roots:
+            if root.key in seen:
+                continue
+            seen.add(root.key)
+            stack = [(root, iter(root.input_paths()))]
+            while stack:
+                step, pending = stack[-1]
+                for path in pending:
+                    producer = made_by.get(path)
+                    if producer is not None and producer.key not in seen:
+                        seen.add(producer.key)
+                        stack.append((producer, iter(producer.input_paths())))
+                        break
+                else:
+                    stack.pop()
+                    ordered.append(step)
+        return ordered
 
 
 def check_allocation_lengths(cfg: RunConfig, depth: int) -> None:
@@ -472,75 +316,11 @@ def execute(
     """Run one step: the single entry point of every Snakemake rule and of the runner.
 
     `handoff`: what earlier steps of this process wrote, kept in memory (`rose.handoff`)."""
-    from rose import stages
-
+    record = STAGES.get(stage)
+    if record is None:
+        raise ValueError(f"unknown stage {stage!r} (known: {', '.join(sorted(STAGES))})")
     w = {k: str(v) for k, v in (wildcards or {}).items()}
     plan = Plan(cfg)
-    if stage != "prepare_model":
+    if record.reads_model:
         plan.info = load_checked(plan.layout.model_json, cfg.model.source)
-    step = plan.step(stage, **{k: w[k] for k in STAGES[stage].wildcards})
-    i, o = step.inputs, step.outputs
-    model = plan.layout.model_json
-    if stage == "prepare_model":
-        stages.prepare_model(cfg, o["model"])
-    elif stage == "capture_calibration":
-        stages.capture_calibration(cfg, model, o["tokens"])
-    elif stage == "embed_calibration":
-        stages.embed_calibration(cfg, model, i["tokens"], o["inputs"], handoff=handoff)
-    elif stage == "shared_hessians":
-        stages.compute_hessians(cfg, model, None, 0, i["inputs"], o["hessians"], handoff=handoff)
-    elif stage == "outliers":
-        stages.outlier_statistics(
-            cfg, model, int(w["layer"]), i["inputs"], o["outliers"], o["outputs"], handoff=handoff
-        )
-    elif stage == "allocate":
-        stages.allocate(
-            cfg, model, plan.allocations[w["allocation"]], i.get("outliers"), o["allocation"]
-        )
-    elif stage == "hessians":
-        stages.compute_hessians(
-            cfg, model, w["variant"], int(w["layer"]), i["inputs"], o["hessians"], handoff=handoff
-        )
-    elif stage == "order":
-        stages.compute_order(
-            cfg,
-            model,
-            w["variant"],
-            int(w["layer"]),
-            i["hessians"],
-            o["order"],
-            i.get("allocation"),
-            handoff=handoff,
-        )
-    elif stage == "prune":
-        stages.prune_layer(
-            cfg,
-            model,
-            w["variant"],
-            int(w["layer"]),
-            i.get("hessians"),
-            i.get("order"),
-            o["pruned"],
-            o["stats"],
-            i.get("allocation"),
-            handoff=handoff,
-        )
-    elif stage == "forward":
-        layer = int(w["layer"]) - 1
-        stages.forward_layer(
-            cfg, model, w["variant"], layer, i["inputs"], i["pruned"], o["inputs"], handoff=handoff
-        )
-    elif stage == "assemble":
-        stages.assemble_model(cfg, model, w["variant"], i["pruned"], i["stats"], o["model_dir"])
-    elif stage == "evaluate_perplexity":
-        stages.evaluate_perplexity(cfg, model, w["model"], w["metric"], o["result"])
-    elif stage == "evaluate_zero_shot":
-        stages.evaluate_zero_shot(cfg, model, w["model"], o["result"])
-    elif stage == "export":
-        from rose.export import export_model
-
-        export_model(cfg, model, w["variant"], w["format"], o["export_dir"])
-    elif stage == "report":
-        stages.build_report(cfg, plan.layout.run_dir, plan.layout.report_dir)
-    else:
-        raise ValueError(f"unknown stage {stage!r}")
+    record.run(plan.context(stage, handoff, **{k: w[k] for k in record.wildcards}))

@@ -43,13 +43,48 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+# ---------------------------------------------------------------- what decides an artifact
+
+
+def calibration_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What decides the calibration tokens and layer-0 inputs."""
+    return {"calibration": cfg.raw["calibration"], "model_dtype": cfg.model.dtype}
+
+
+def shared_layer_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What decides the dense layer's statistics on the shared calibration inputs (layer 0's
+    Hessians, every layer's outlier statistics): the calibration, and how experts see it."""
+    return {**calibration_settings(cfg), **cfg.moe_if_changed}
+
+
+def dense_statistics_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What decides the dense pass's outlier statistics (shared by every OWL variant)."""
+    return {**shared_layer_settings(cfg), "owl_m": list(cfg.owl_m_values)}
+
+
+def variant_settings(cfg: RunConfig, variant: Variant) -> dict[str, Any]:
+    """What decides a variant's per-layer artifacts (everything upstream included)."""
+    out = {
+        **calibration_settings(cfg),
+        "variant": variant.name,
+        "prune": {k: v for k, v in cfg.raw["prune"].items() if k != "layers"},
+        **cfg.moe_if_changed,
+    }
+    if not variant.allocation.is_uniform:  # only then: uniform variants keep their hashes
+        out["allocation"] = variant.allocation.settings()
+    return out
+
+
+# ---------------------------------------------------------------- provenance records
+
+
 def _provenance(info: ModelInfo, kind: str, **extra: Any) -> dict[str, Any]:
     return {"kind": kind, "model_fingerprint": info.fingerprint, **extra}
 
 
 def calibration_provenance(cfg: RunConfig, info: ModelInfo, kind: str) -> dict[str, Any]:
     """Artifacts shared by all variants (tokens, layer 0's inputs)."""
-    return _provenance(info, kind, config_hash=config_hash(cfg.calibration_provenance()))
+    return _provenance(info, kind, config_hash=config_hash(calibration_settings(cfg)))
 
 
 def layer_provenance(
@@ -61,7 +96,7 @@ def layer_provenance(
         kind,
         variant=variant.name,
         layer=layer,
-        config_hash=config_hash(cfg.variant_provenance(variant)),
+        config_hash=config_hash(variant_settings(cfg, variant)),
     )
 
 
@@ -72,7 +107,7 @@ def hessians_provenance(
     for every variant. Later layers' belong to one variant (their inputs are its own)."""
     if layer == 0:
         return _provenance(
-            info, "hessians", layer=0, config_hash=config_hash(cfg.shared_layer_provenance())
+            info, "hessians", layer=0, config_hash=config_hash(shared_layer_settings(cfg))
         )
     assert variant is not None
     return layer_provenance(cfg, info, "hessians", variant, layer)
@@ -104,7 +139,7 @@ def outliers_provenance(cfg: RunConfig, info: ModelInfo, layer: int) -> dict[str
         info,
         "outliers",
         layer=layer,
-        config_hash=config_hash(cfg.dense_statistics_provenance()),
+        config_hash=config_hash(dense_statistics_settings(cfg)),
     )
 
 
@@ -116,7 +151,7 @@ def allocation_provenance(cfg: RunConfig, info: ModelInfo, variant: Variant) -> 
         "layers": info.prune_layers,
     }
     if variant.allocation.kind == OWL:
-        decided_by["statistics"] = cfg.dense_statistics_provenance()
+        decided_by["statistics"] = dense_statistics_settings(cfg)
     return _provenance(
         info, "allocation", target=variant.target, config_hash=config_hash(decided_by)
     )
@@ -124,16 +159,12 @@ def allocation_provenance(cfg: RunConfig, info: ModelInfo, variant: Variant) -> 
 
 def run_identity(cfg: RunConfig) -> dict[str, Any]:
     """What every artifact of a run depends on: a run directory holds one of these."""
-    from rose.config import DEFAULTS
-
-    identity = {
+    return {
         "model": cfg.raw["model"],
         "calibration": cfg.raw["calibration"],
         "prune": cfg.raw["prune"],
+        **cfg.moe_if_changed,
     }
-    if cfg.raw["moe"] != DEFAULTS["moe"]:  # only then: existing run directories stay valid
-        identity["moe"] = cfg.raw["moe"]
-    return identity
 
 
 def check_run(cfg: RunConfig, write: bool = True) -> None:

@@ -25,11 +25,12 @@ from types import MappingProxyType
 from typing import Any
 
 from rose.layout import RunLayout
-from rose.plan import STAGES as PLAN_STAGES
+from rose.sizing import DETAIL_KEYS, MB, Source, number, stage_figures
+from rose.stages import STAGES as RECORDS
 
-# Stages whose work is tensor math (the plan's `gpu` hint): they get a GPU unless `device: cpu`.
-GPU_STAGES = frozenset(name for name, stage in PLAN_STAGES.items() if stage.gpu)
-CPU_STAGES = frozenset(name for name, stage in PLAN_STAGES.items() if not stage.gpu)
+# Stages whose work is tensor math (their records' `gpu`): they get a GPU unless `device: cpu`.
+GPU_STAGES = frozenset(name for name, stage in RECORDS.items() if stage.gpu)
+CPU_STAGES = frozenset(name for name, stage in RECORDS.items() if not stage.gpu)
 STAGES = GPU_STAGES | CPU_STAGES
 
 # Used until model.json exists (first dry run, prepare_model itself): a 7B LLaMA.
@@ -39,28 +40,6 @@ FALLBACK_MODEL: Mapping[str, Any] = MappingProxyType(
         "hidden_size": 4096,
         "parameters": 6_738_415_616,
         "dtype": "float16",
-    }
-)
-# Calibration defaults when the config leaves them out (the paper's 128 x 2048).
-FALLBACK_CALIBRATION: Mapping[str, int] = MappingProxyType({"nsamples": 128, "seqlen": 2048})
-
-DEFAULT_THREADS: Mapping[str, int] = MappingProxyType(
-    {
-        "prepare_model": 4,
-        "capture_calibration": 2,
-        "embed_calibration": 4,
-        "shared_hessians": 4,
-        "outliers": 4,
-        "allocate": 1,
-        "hessians": 4,
-        "order": 4,
-        "prune": 4,
-        "forward": 4,
-        "assemble": 4,
-        "export": 1,
-        "evaluate_perplexity": 4,
-        "evaluate_zero_shot": 4,
-        "report": 1,
     }
 )
 # On CPU-only runs the tensor stages are the compute: give them more cores.
@@ -76,30 +55,15 @@ SCALED_KEYS = frozenset({"mem_mb", "runtime"})
 
 # The model.json fields that size a layer; they are used together or not at all.
 _SHAPE_KEYS = ("num_layers", "hidden_size", "parameters")
-_DTYPE_BYTES = MappingProxyType({"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2})
-_MB = 1024 * 1024
-# Rough sustained throughputs (FLOP/s) and I/O rate (B/s) for the runtime guess;
-# deliberately pessimistic: a too-long limit costs queue priority, a too-short
-# one costs the job.
-_FLOPS = MappingProxyType({"gpu": 5e12, "cpu": 2e10})  # float32 layer math (sweep, Hessians)
-_EVAL_FLOPS = MappingProxyType({"gpu": 5e13, "cpu": 2e10})  # half-precision inference
-_IO_RATE = 150e6
-_RUNTIME_SAFETY = 3.0
-_MIN_RUNTIME = 10  # minutes
-_MEM_SAFETY = 1.3
+# Safety factors of a cluster request over the estimate.
+RUNTIME_SAFETY = 3.0
+MIN_RUNTIME = 10  # minutes
+MEM_SAFETY = 1.3
 # MB: interpreter, torch, CUDA context
-_BASE_MEM = MappingProxyType({"gpu": 6 * 1024, "cpu": 3 * 1024})
-# Evaluation size when the config does not bound it: WikiText-2 test is ~0.3M
-# LLaMA tokens; a zero-shot task scores ~3000 docs x ~400 tokens (all choices).
-_PPL_TOKENS = 5e5
-_ZERO_SHOT_DOCS = 3000
-_ZERO_SHOT_TOKENS_PER_DOC = 400
-_ZERO_SHOT_TASKS = 7
+BASE_MEM: Mapping[str, int] = MappingProxyType({"gpu": 6 * 1024, "cpu": 3 * 1024})
 
 # Older spelling kept working: both evaluation rules size alike.
 _ALIASES = MappingProxyType({"evaluate": "evaluate_perplexity"})
-# Stages that do another stage's work on other inputs: sized by its formulas.
-_SIZED_AS = MappingProxyType({"shared_hessians": "hessians"})
 
 
 def _settings(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -156,20 +120,9 @@ def model_json_path(cfg: Mapping[str, Any], wildcards: Any = None) -> Path:
     return RunLayout(Path(cfg.get("results_dir", "results")) / str(run)).model_json
 
 
-def _number(value: Any) -> float | None:
-    """A finite number (JSON int/float, or a numeric string), else None; bools are not numbers."""
-    if isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _usable_shape(raw: Mapping[str, Any]) -> bool:
     """num_layers >= 0 (0 still sizes one layer), hidden_size > 0, parameters > 0."""
-    layers, hidden, params = (_number(raw.get(key)) for key in _SHAPE_KEYS)
+    layers, hidden, params = (number(raw.get(key)) for key in _SHAPE_KEYS)
     if layers is None or hidden is None or params is None:
         return False
     return layers >= 0 and hidden > 0 and params > 0
@@ -196,7 +149,7 @@ def load_model_size(path: str | Path) -> dict[str, Any]:
         # prune.layers or a partial model: the layers actually present still size a layer.
         size["num_layers"] = max(1, int(float(size["num_layers"])))
         # mixture-of-experts models: model.json has the exact per-layer sizes (DETAIL_KEYS)
-        size.update({key: raw[key] for key in DETAIL_KEYS if _number(raw.get(key))})
+        size.update({key: raw[key] for key in DETAIL_KEYS if number(raw.get(key))})
     if raw.get("dtype") is not None:
         size["dtype"] = raw["dtype"]
     return size
@@ -207,124 +160,23 @@ def model_size(cfg: Mapping[str, Any], wildcards: Any = None) -> dict[str, Any]:
     return load_model_size(model_json_path(cfg, wildcards))
 
 
-def _calibration_tokens(cfg: Mapping[str, Any]) -> int:
-    calib = cfg.get("calibration") or {}
-    nsamples = calib.get("nsamples") or FALLBACK_CALIBRATION["nsamples"]
-    seqlen = calib.get("seqlen") or FALLBACK_CALIBRATION["seqlen"]
-    return int(nsamples) * int(seqlen)
-
-
-def _eval_tokens(stage: str, cfg: Mapping[str, Any]) -> float:
-    """Tokens one evaluation job scores, bounded by max_windows / limit when set."""
-    evaluation = cfg.get("evaluation") or {}
-    if stage == "evaluate_perplexity":
-        specs = evaluation.get("perplexity") or []
-        seqlen = (cfg.get("calibration") or {}).get("seqlen") or FALLBACK_CALIBRATION["seqlen"]
-        bounded = [
-            p["max_windows"] * (p.get("seqlen") or seqlen) for p in specs if p.get("max_windows")
-        ]
-        return float(max(bounded)) if bounded and len(bounded) == len(specs) else _PPL_TOKENS
-    zero_shot = evaluation.get("zero_shot") or {}
-    tasks = len(zero_shot.get("tasks") or range(_ZERO_SHOT_TASKS))
-    docs = zero_shot.get("limit") or _ZERO_SHOT_DOCS
-    return float(tasks * docs * _ZERO_SHOT_TOKENS_PER_DOC)
-
-
-# Optional keys of `size` with exact per-layer figures (rose.preflight computes them from
-# the model's config.json, mixture-of-experts layers included). Each one present replaces the
-# value that estimate_resources otherwise derives from the totals (which assume a dense LLaMA).
-DETAIL_KEYS = (
-    "layer_parameters",  # weights of the largest decoder layer
-    "active_layer_parameters",  # weights one token goes through (MoE: the routed experts only)
-    "hessian_elements",  # sum of in_features^2 over a layer's input groups (experts included)
-    "hessian_token_flops",  # Hessian accumulation FLOPs per calibration token
-    "sweep_flops",  # sum of rows * cols^2 + cols^3 over a layer's Linears
-)
-
-
-def _layer_figures(size: Mapping[str, Any]) -> dict[str, float]:
-    """Per-layer weights, Hessian elements and FLOPs: `size`'s detail keys, else derived.
-
-    Derived: a decoder layer holds about parameters / num_layers weights
-    (embeddings included, so it errs high), and its widest input is the MLP's
-    intermediate width, solved from layer ~ 2 h^2 (attention, GQA) + 3 h I.
-    """
-    params = float(size["parameters"])
-    h = float(size["hidden_size"])
-    layer = params / size["num_layers"]
-    inter = max(h, (layer - 2 * h * h) / (3 * h))
-    hess_elements = 3 * h * h + inter * inter  # qkv, o, gate/up, down input groups
-    derived = {
-        "layer_parameters": layer,
-        "active_layer_parameters": layer,
-        "hessian_elements": hess_elements,
-        "hessian_token_flops": 2 * hess_elements,
-        "sweep_flops": layer * inter + inter**3 + 3 * h**3,  # rows*cols^2 + cols^3 terms
-    }
-    for key in DETAIL_KEYS:
-        value = _number(size.get(key))
-        if value is not None and value > 0:
-            derived[key] = value
-    return derived
-
-
 def stage_estimate(
-    stage: str, cfg: Mapping[str, Any], size: Mapping[str, Any]
+    stage: str,
+    cfg: Mapping[str, Any],
+    size: Mapping[str, Any],
+    variants: int | None = None,
+    source: Source | None = None,
 ) -> tuple[float, float]:
-    """(host bytes held at the peak beyond the interpreter, seconds) for one job of `stage`.
+    """(host bytes held at the peak beyond the interpreter, seconds) for one job of `stage`:
+    its record's estimate from the run's figures (`rose.sizing.StageFigures`).
 
     No safety factors: estimate_resources adds them for the cluster request;
-    rose.preflight prints these. Hessians are float64 here to err high.
+    rose.preflight prints these (knowing the source and the variants, which sharpens
+    prepare_model's and the report's figures). Hessians are float64 here to err high.
     """
     stage = check_stage(stage)
     kind = "gpu" if uses_gpu(stage, cfg) else "cpu"
-    params = float(size["parameters"])
-    fig = _layer_figures(size)
-    h = float(size["hidden_size"])
-    layer = fig["layer_parameters"]
-    dbytes = _DTYPE_BYTES.get(str(size["dtype"]), 4)
-    tokens = _calibration_tokens(cfg)
-    acts = tokens * h * 4  # one layer's hidden states, float32
-    hess = 8 * fig["hessian_elements"]
-    weights32 = layer * 4
-    sweep_flops = fig["sweep_flops"]
-    fwd_flops = 2 * tokens * fig["active_layer_parameters"]
-    host = {  # bytes held at the peak, beyond the interpreter
-        "prepare_model": 6 * 1024 * _MB,  # streams shards; GGUF sources are small
-        "capture_calibration": 1024 * _MB,
-        "embed_calibration": 2 * acts + params / size["num_layers"] * dbytes,
-        "outliers": 3 * weights32 + 2 * acts,
-        "allocate": 256 * _MB,
-        "hessians": 2 * weights32 + acts + hess,
-        "order": 2 * weights32 + 2 * hess,
-        "prune": 3 * weights32 + 2 * hess,
-        "forward": 2 * weights32 + 2 * acts,
-        "assemble": 4 * layer * dbytes + min(5 * 1024 * _MB, params * dbytes),  # + one shard
-        "export": 4 * layer * dbytes + 300 * _MB,  # one tensor at a time, a few copies of it
-        "evaluate_perplexity": 1.2 * params * dbytes,
-        "evaluate_zero_shot": 1.2 * params * dbytes,
-        "report": 1024 * _MB,
-    }[_SIZED_AS.get(stage, stage)]
-    seconds = {
-        "prepare_model": 40 * 60.0,  # size unknown until it ran: a 70B download
-        "capture_calibration": 120.0,
-        "embed_calibration": 2 * acts / _IO_RATE,
-        "outliers": fwd_flops / _FLOPS[kind] + 3 * acts / _IO_RATE + 2 * layer * dbytes / _IO_RATE,
-        "allocate": 5.0,
-        "hessians": (fwd_flops + tokens * fig["hessian_token_flops"]) / _FLOPS[kind]
-        + 2 * acts / _IO_RATE,
-        "order": sweep_flops / _FLOPS[kind] + 2 * hess / _IO_RATE,
-        "prune": 2 * sweep_flops / _FLOPS[kind] + 2 * hess / _IO_RATE,
-        "forward": fwd_flops / _FLOPS[kind] + 3 * acts / _IO_RATE,
-        "assemble": 2 * params * dbytes / _IO_RATE,
-        "export": 2 * params * dbytes / _IO_RATE,
-        "evaluate_perplexity": 2 * params * _eval_tokens(stage, cfg) / _EVAL_FLOPS[kind]
-        + params * dbytes / _IO_RATE,
-        "evaluate_zero_shot": 2 * params * _eval_tokens(stage, cfg) / _EVAL_FLOPS[kind]
-        + params * dbytes / _IO_RATE,
-        "report": 60.0,
-    }[_SIZED_AS.get(stage, stage)]
-    return host, seconds
+    return RECORDS[stage].estimate(stage_figures(kind, cfg, size, variants, source))
 
 
 def estimate_resources(
@@ -339,11 +191,11 @@ def estimate_resources(
     stage = check_stage(stage)
     kind = "gpu" if uses_gpu(stage, cfg) else "cpu"
     host, seconds = stage_estimate(stage, cfg, size)
-    mem_mb = _BASE_MEM[kind] + _MEM_SAFETY * host / _MB
-    runtime = _RUNTIME_SAFETY * seconds / 60
+    mem_mb = BASE_MEM[kind] + MEM_SAFETY * host / MB
+    runtime = RUNTIME_SAFETY * seconds / 60
     return {
         "mem_mb": int(math.ceil(mem_mb / 256) * 256),
-        "runtime": int(max(_MIN_RUNTIME, math.ceil(runtime))),
+        "runtime": int(max(MIN_RUNTIME, math.ceil(runtime))),
     }
 
 
@@ -377,7 +229,7 @@ def resolve_threads(stage: str, cfg: Mapping[str, Any]) -> int:
         return int(pinned["threads"])
     if stage in GPU_STAGES and not uses_gpu(stage, cfg):
         return CPU_DEVICE_THREADS
-    return DEFAULT_THREADS[stage]
+    return RECORDS[stage].threads
 
 
 def rule_resources(stage: str, cfg: Mapping[str, Any]) -> dict[str, Any]:

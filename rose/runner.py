@@ -33,11 +33,6 @@ from rose.provenance import check_run
 log = logging.getLogger("rose")
 
 
-# The stages whose artifacts are worth keeping for the next step: a layer's chain (the
-# embeddings and dense outputs feed it too). Reassembly, long after, reads from disk.
-HANDED_OVER_TO = frozenset({"shared_hessians", "outliers", "hessians", "order", "prune", "forward"})
-
-
 def _file_bytes(path: Path) -> int:
     """Size of a file, or of everything under a directory (0 when missing)."""
     if path.is_dir():
@@ -91,11 +86,9 @@ def _timed(
     seconds = time.perf_counter() - started
     served = handoff.drain_served() if handoff is not None else set()
     inputs = set(step.input_paths())
-    stage = f"perplexity-{w['metric']}" if step.stage == "evaluate_perplexity" else step.stage
-    stage = "zero_shot" if stage == "evaluate_zero_shot" else stage
     result.timings.append(
         StageTiming(
-            stage,
+            step.record.label_of(w),
             w.get("variant") or w.get("model", ""),
             layer,
             seconds,
@@ -116,7 +109,7 @@ def _run(cfg: RunConfig, evaluate: bool, report: bool, force: bool | None = None
     handoff = make_handoff(cfg.handoff_memory)
     result = RunResult(plan.layout, handoff_budget=handoff.budget if handoff else 0)
     if not plan.layout.model_json.exists():
-        _timed(cfg, plan.step("prepare_model"), result, None)
+        _timed(cfg, plan.model_step(), result, None)
     plan.info = load_checked(plan.layout.model_json, cfg.model.source)
     steps = plan.steps(evaluate=evaluate, report=report)
     need = graph.needed_steps(steps, plan.targets(evaluate=evaluate, report=False))
@@ -124,7 +117,7 @@ def _run(cfg: RunConfig, evaluate: bool, report: bool, force: bool | None = None
     temporary = {path for s in steps for path in s.temporary}
     pending = set(need)  # keys of the steps still to run
     for step in steps:
-        if step.stage == "report" or step.key in need:
+        if step.record.always or step.key in need:
             _timed(cfg, step, result, plan.info.prune_layers, handoff)
             pending.discard(step.key)
             # An intermediate goes once no step that still has to run reads it.
@@ -132,12 +125,11 @@ def _run(cfg: RunConfig, evaluate: bool, report: bool, force: bool | None = None
             for path in [*step.input_paths(), *step.temporary]:
                 if path in temporary and not any(r.key in pending for r in readers.get(path, [])):
                     remove_path(path)
-            if handoff is not None:  # memory goes once no stage of the chain still reads it
+            # Memory goes once no step of a layer chain still reads it (reassembly, long
+            # after, reads from disk).
+            if handoff is not None:
                 for path in [*step.input_paths(), *step.outputs.values()]:
-                    if not any(
-                        r.key in pending and r.stage in HANDED_OVER_TO
-                        for r in readers.get(path, [])
-                    ):
+                    if not any(r.key in pending and r.record.chain for r in readers.get(path, [])):
                         handoff.forget(path)
     graph.remove_consumed_intermediates(steps)
     return result

@@ -10,6 +10,10 @@ import math
 import re
 from dataclasses import dataclass
 
+# ROSE's block width (its block losses and reordered blocks) and SparseGPT's lazy-update
+# block: the one default of `prune.blocksize`.
+BLOCKSIZE = 128
+
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 

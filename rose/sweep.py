@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from rose.ordering import Ordering, smallest_mask, smallest_per_row_groups
-from rose.sparsity import Sparsity, prune_count
+from rose.sparsity import BLOCKSIZE, Sparsity, prune_count
 
 MAX_DAMPING_RETRIES = 6
+# Dampening of H: percdamp x mean(diag H) on the diagonal (SparseGPT's default).
+PERCDAMP = 0.01
 
 
 @dataclass
@@ -55,8 +57,8 @@ def sweep(
     hessian: torch.Tensor,
     sparsity: Sparsity,
     order: Ordering,
-    percdamp: float = 0.01,
-    blocksize: int = 128,
+    percdamp: float = PERCDAMP,
+    blocksize: int = BLOCKSIZE,
     compute_dtype: torch.dtype = torch.float32,
 ) -> SweepResult:
     """Prune `weight` [rows, cols] with SparseGPT's OBS updates in `order`.

@@ -21,6 +21,7 @@ from rose import plan as graph
 from rose import runner
 from rose.config import ConfigError
 from rose.model_info import ModelInfo
+from rose.provenance import variant_settings
 from rose.report import build_report
 from rose.sparsity import prune_count
 
@@ -145,10 +146,10 @@ def test_variant_names_show_the_allocation_and_uniform_is_unchanged():
     ]
     # a uniform variant's artifacts are stamped as before: existing run directories stay valid
     for name in ("rose-0.7", "wanda-0.7"):
-        assert plain.variant_provenance(plain.variant(name)) == both.variant_provenance(
-            both.variant(name)
+        assert variant_settings(plain, plain.variant(name)) == variant_settings(
+            both, both.variant(name)
         )
-    assert "allocation" in both.variant_provenance(both.variant("rose-owl-0.7"))
+    assert "allocation" in variant_settings(both, both.variant("rose-owl-0.7"))
 
 
 @pytest.mark.parametrize(

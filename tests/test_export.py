@@ -1,7 +1,7 @@
 """Exports (`rose.export`), model cards (`rose.model_card`) and the 2:4 inference benchmark.
 
 Tiny models are pruned by the real pipeline (`rose.runner.run`), then exported
-with `rose.export.export_model` directly:
+with the export stage (`rose.stages.export.export_variant`) directly:
 
 - round trip of `dense` and `compressed` for unstructured 0.5 / 0.7, 2:4 and 4:8,
   float32 and bfloat16 weights: the weights read back from the compressed
@@ -22,6 +22,7 @@ when ROSE_CT_LEGACY names a directory holding such a stack (see its docstring).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -41,11 +42,14 @@ from safetensors import safe_open
 from tiny import make_tiny_model
 
 from rose import config as rose_config
-from rose import export, model_card
+from rose import cli, export, model_card
 from rose.artifacts import ArtifactError
 from rose.checkpoint import Checkpoint
 from rose.layout import RunLayout
+from rose.model_info import ModelInfo
+from rose.plan import Plan
 from rose.runner import run
+from rose.stages.export import export_variant
 
 needs_ct = pytest.mark.skipif(
     importlib.util.find_spec("compressed_tensors") is None,
@@ -84,11 +88,17 @@ def runs(tmp_path_factory, tiny_text_file):
     }
 
 
+def export_model(cfg, variant: str, fmt: str, out: Path, **kw) -> dict:
+    """The export stage of one variant and format, written to `out`."""
+    plan = Plan(cfg, ModelInfo.load(RunLayout(cfg.run_dir).model_json))
+    ctx = plan.context("export", variant=variant, format=fmt)
+    return export_variant(dataclasses.replace(ctx, outputs={"export_dir": Path(out)}), **kw)
+
+
 def _export(cfg, variant: str, fmt: str, **kw) -> tuple[Path, dict]:
-    layout = RunLayout(cfg.run_dir)
     out = cfg.run_dir / variant / "export" / fmt
     if not (out / export.EXPORT_RECORD).is_file():
-        export.export_model(cfg, layout.model_json, variant, fmt, out, **kw)
+        export_model(cfg, variant, fmt, out, **kw)
     return out, json.loads((out / export.EXPORT_RECORD).read_text())
 
 
@@ -205,9 +215,7 @@ def test_sharded_export_round_trips_through_its_index(runs, tmp_path):
     cfg = runs["float32"]
     layout = RunLayout(cfg.run_dir)
     out = tmp_path / "sharded"
-    record = export.export_model(
-        cfg, layout.model_json, "magnitude-0.7", "compressed", out, shard_bytes=400_000
-    )
+    record = export_model(cfg, "magnitude-0.7", "compressed", out, shard_bytes=400_000)
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 2 and (out / "model.safetensors.index.json").is_file()
     assert record["files"].keys() >= set(shards)
@@ -215,7 +223,7 @@ def test_sharded_export_round_trips_through_its_index(runs, tmp_path):
     for name, tensor in _tensors(layout.model_dir("magnitude-0.7")).items():
         assert export.same_bits(back[name], tensor), name
     # a plain dense copy, by the command line
-    assert export.main(["decompress", str(out), str(tmp_path / "plain")]) == 0
+    assert cli.main(["export", "decompress", str(out), str(tmp_path / "plain")]) == 0
     plain = _tensors(tmp_path / "plain")
     assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
     for name, tensor in plain.items():
@@ -737,19 +745,17 @@ def test_model_card_pure_function_cases():
 @needs_ct
 def test_kill_inside_an_export_leaves_nothing_trusted_and_rerun_is_identical(runs, tmp_path):
     cfg = runs["bfloat16"]
-    layout = RunLayout(cfg.run_dir)
     out = tmp_path / "export" / "compressed"
-    export.export_model(
-        cfg, layout.model_json, "magnitude-2of4", "compressed", out, shard_bytes=300_000
-    )
+    export_model(cfg, "magnitude-2of4", "compressed", out, shard_bytes=300_000)
     clean = _digests(out)
     shutil.rmtree(out)
 
     script = (
-        "import sys; from rose import config; from rose.export import export_model; "
+        "import sys; sys.path.insert(0, {tests!r}); from rose import config; "
+        "from test_export import export_model; "
         f"cfg = config.load({str(cfg.run_dir.parent.parent / 'bf16.yaml')!r}); "
-        f"export_model(cfg, {str(layout.model_json)!r}, 'magnitude-2of4', 'compressed', {str(out)!r}, shard_bytes=300_000)"
-    )
+        f"export_model(cfg, 'magnitude-2of4', 'compressed', {str(out)!r}, shard_bytes=300_000)"
+    ).replace("{tests!r}", repr(str(Path(__file__).parent)))
     hook = Hook(
         tmp_path / "hook",
         "kill",
@@ -771,9 +777,7 @@ def test_kill_inside_an_export_leaves_nothing_trusted_and_rerun_is_identical(run
         any(partial[0].glob("*.safetensors")) and not (partial[0] / export.EXPORT_RECORD).exists()
     )
 
-    export.export_model(
-        cfg, layout.model_json, "magnitude-2of4", "compressed", out, shard_bytes=300_000
-    )
+    export_model(cfg, "magnitude-2of4", "compressed", out, shard_bytes=300_000)
     assert _digests(out) == clean
     assert not list(out.parent.glob("compressed.tmp-*"))  # the killed writer's temporary is gone
     export.verify_export(out)
@@ -791,7 +795,7 @@ def test_corrupt_export_is_detected(runs, tmp_path):
     (copy / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="model.safetensors: checksum mismatch"):
         export.verify_export(copy)
-    assert export.main(["verify", str(out)]) == 0
+    assert cli.main(["export", "verify", str(out)]) == 0
 
 
 # ---------------------------------------------------------------- bad input
@@ -810,7 +814,7 @@ def test_unknown_or_unavailable_format_is_one_line_before_any_work(runs, monkeyp
     cfg = runs["float32"]
     out = tmp_path / "zip"
     with pytest.raises(export.ExportError, match="'zip' is unknown"):
-        export.export_model(cfg, RunLayout(cfg.run_dir).model_json, "magnitude-0.5", "zip", out)
+        export_model(cfg, "magnitude-0.5", "zip", out)
     assert not out.exists() and not list(tmp_path.iterdir())
 
     real = importlib.util.find_spec
@@ -824,9 +828,7 @@ def test_unknown_or_unavailable_format_is_one_line_before_any_work(runs, monkeyp
     assert "\n" not in str(info.value) and "pip install 'rose-pipeline[export]'" in str(info.value)
     assert export.check_formats(["dense"]) == ("dense",)
     with pytest.raises(export.ExportError, match="needs the compressed-tensors package"):
-        export.export_model(
-            cfg, RunLayout(cfg.run_dir).model_json, "magnitude-0.5", "compressed", out
-        )
+        export_model(cfg, "magnitude-0.5", "compressed", out)
     assert not out.exists() and not list(tmp_path.iterdir())
 
 

@@ -74,7 +74,7 @@ def test_checkpoint_reads_single_tensors_and_shards(tiny_llama_dir, tmp_path):
         ((n, checkpoint.read(n)) for n in names),
         shard_bytes=200_000,
     )
-    assert len(files) > 2 and (out / ck.INDEX).is_file()
+    assert len(set(files.values())) > 2 and (out / ck.INDEX).is_file()
     for item in ("config.json",):
         (out / item).write_bytes((tiny_llama_dir / item).read_bytes())
     resharded = ck.Checkpoint.open(out)

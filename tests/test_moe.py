@@ -25,7 +25,9 @@ experts stacked (`mlp.experts.gate_up_proj` [experts, 2 x intermediate, hidden])
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import weakref
 from pathlib import Path
 
@@ -55,8 +57,10 @@ from rose.artifacts import H5Artifact
 from rose.hessian import expert_hessian_bytes
 from rose.layout import RunLayout
 from rose.model_info import ModelInfo
+from rose.provenance import variant_settings
 from rose.sparsity import prune_count
 from rose.stages import layer as layer_stages
+from rose.stages import layer_pass
 
 SEQLEN = 40
 
@@ -199,8 +203,8 @@ def test_both_layouts_hold_the_same_matrices(moe_models):
         for name_p, name_s in zip(units_p.names(), units_s.names(), strict=True):
             up, us = units_p.units[name_p], units_s.units[name_s]
             assert (up.expert, up.part, up.module) == (us.expert, us.part, us.module)
-            a = layer_stages.read_unit(per_expert, "model.layers.1.", up)
-            b = layer_stages.read_unit(stacked, "model.layers.1.", us)
+            a = layer_pass.read_unit(per_expert, "model.layers.1.", up)
+            b = layer_pass.read_unit(stacked, "model.layers.1.", us)
             assert torch.equal(a, b), (name_p, name_s)
 
 
@@ -251,16 +255,10 @@ def _hessians(cfg, out: Path, calibrate_all: bool, memory_budget: int | None = N
     cfg.raw["moe"] = {"calibrate_all_experts": calibrate_all}
     layout = RunLayout(cfg.run_dir)
     info = ModelInfo.load(layout.model_json)
-    step = plan.Plan(cfg, info).step("hessians", variant="rose-0.5", layer=0)
+    ctx = plan.Plan(cfg, info).context("hessians", variant="rose-0.5", layer=0)
     try:
         result = layer_stages.compute_hessians(
-            cfg,
-            layout.model_json,
-            "rose-0.5",
-            0,
-            step.inputs["inputs"],
-            out,
-            memory_budget=memory_budget,
+            dataclasses.replace(ctx, outputs={"hessians": out}), memory_budget=memory_budget
         )
     finally:
         cfg.raw.pop("moe")
@@ -370,7 +368,7 @@ def test_hessians_in_expert_passes_equal_one_pass(calibrated, tmp_path, monkeypa
     live: weakref.WeakSet = weakref.WeakSet()
     peak = {"n": 0}
 
-    class Counted(layer_stages.HessianAccumulator):
+    class Counted(layer_pass.HessianAccumulator):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             live.add(self)
@@ -379,7 +377,7 @@ def test_hessians_in_expert_passes_equal_one_pass(calibrated, tmp_path, monkeypa
             peak["n"] = max(peak["n"], len(live))
             super().add_rows(inputs)
 
-    monkeypatch.setattr(layer_stages, "HessianAccumulator", Counted)
+    monkeypatch.setattr(layer_pass, "HessianAccumulator", Counted)
     result, parts = _hessians(cfg, tmp_path / "parts.h5", True, memory_budget=1)
     assert result == {"passes": 4, "experts_per_pass": 1}
     # pass 1: attention (2), shared expert (2) and one expert (2); then one expert (2) per pass
@@ -412,9 +410,7 @@ def test_expert_passes_for_mixtral_8x7b_and_qwen3_30b_a3b():
         units = family.layer_units(config, 0)
         assert units.num_experts == experts
         _, layer = family._meta_layer(config, 0)
-        widths = {
-            n: layer_stages._module_weight(layer, units.units[n]).shape[1] for n in units.names()
-        }
+        widths = {n: layer_pass.unit_weight(layer, units.units[n]).shape[1] for n in units.names()}
         total = sum(4 * widths[g[0]] ** 2 for g in units.groups)
         other = total - experts * per_expert
         assert other == 4 * (
@@ -505,7 +501,7 @@ def test_moe_end_to_end(moe_run, variant):
         replaced |= {prefix + t for t in units.tensors()}
         for name, unit in units.units.items():
             expected_names.add(prefix + name)
-            weight = layer_stages.read_unit(pruned, prefix, unit)
+            weight = layer_pass.read_unit(pruned, prefix, unit)
             with H5Artifact(layout.order(variant, index)) as art:
                 widths = [int(w) for w in art.read(f"{name}/block_widths")]
             _assert_exact_sparsity(
@@ -641,13 +637,9 @@ def test_experts_with_fewer_tokens_than_inputs_are_reported(tmp_path, tiny_text_
 def test_moe_settings_default_and_schema(tmp_path, tiny_text_file):
     """Defaults without a `moe:` section; a config sets them, and then they are provenance."""
     path = write_config(tmp_path / "c.yaml", tmp_path, tiny_text_file, tmp_path / "results")
-    assert layer_stages.moe_settings(rose_config.load(path)) == layer_stages.MoeSettings(
-        True, False
-    )
+    assert rose_config.load(path).moe == rose_config.MoeSettings(True, False)
     # defaults leave every existing run's provenance (and hashes) as they were
-    assert "moe" not in rose_config.load(path).variant_provenance(
-        rose_config.load(path).variants[0]
-    )
+    assert "moe" not in variant_settings(rose_config.load(path), rose_config.load(path).variants[0])
     path = write_config(
         tmp_path / "d.yaml",
         tmp_path,
@@ -656,9 +648,9 @@ def test_moe_settings_default_and_schema(tmp_path, tiny_text_file):
         moe={"calibrate_all_experts": False, "prune_router": True},
     )
     cfg = rose_config.load(path)
-    assert layer_stages.moe_settings(cfg) == layer_stages.MoeSettings(False, True)
+    assert cfg.moe == rose_config.MoeSettings(False, True)
     # the settings decide the Hessians and the pruned units: part of every layer artifact's provenance
-    assert cfg.variant_provenance(cfg.variants[0]).get("moe") == cfg.raw["moe"]
+    assert variant_settings(cfg, cfg.variants[0]).get("moe") == cfg.raw["moe"]
 
 
 def test_readme_names_the_moe_families():
@@ -673,12 +665,14 @@ def test_model_json_sizes_moe_layers_for_the_cluster_estimates(
     """A dense layer's formula (rose.resources) would size an MoE layer's Hessians as one MLP of
     experts x intermediate width; model.json carries the exact sizes of MoE models instead."""
     from rose import resources
-    from rose.model_info import _moe_sizes, prepare_model
+    from rose.stages.model import moe_sizes
 
     sizes = {}
     for name, model in (("mixtral", moe_models("mixtral")), ("llama", tiny_llama_dir)):
         path = write_config(tmp_path / f"{name}.yaml", model, tiny_text_file, tmp_path / name)
-        prepare_model(rose_config.load(path), tmp_path / f"{name}.json")
+        cfg = rose_config.load(path)
+        plan.execute(cfg, "prepare_model")
+        shutil.copy(RunLayout(cfg.run_dir).model_json, tmp_path / f"{name}.json")
         sizes[name] = resources.load_model_size(tmp_path / f"{name}.json")
     assert not set(resources.DETAIL_KEYS) & set(sizes["llama"])  # dense: unchanged
     mixtral = sizes["mixtral"]
@@ -699,7 +693,7 @@ def test_model_json_sizes_moe_layers_for_the_cluster_estimates(
         "dtype": "bfloat16",
     }
     cfg = {"calibration": {"nsamples": 128, "seqlen": 2048}, "device": "cuda"}
-    exact, _ = resources.stage_estimate("hessians", cfg, {**shape, **_moe_sizes(config, 1)})
+    exact, _ = resources.stage_estimate("hessians", cfg, {**shape, **moe_sizes(config, 1)})
     dense, _ = resources.stage_estimate("hessians", cfg, shape)
     hessians = 8 * (2 * 4096**2 + 8 * (4096**2 + 14336**2))  # float64, as the estimator errs high
     assert hessians < exact < hessians + 2 * 4 * 1.46e9 + 128 * 2048 * 4096 * 4 + 1
@@ -710,7 +704,7 @@ def test_readme_moe_slurm_requests_are_the_estimate():
     """The README's MoE request figures (128 x 2048 tokens, a GPU) are what rose.resources gives
     with the sizes prepare_model records: update the README with the estimator."""
     from rose import resources
-    from rose.model_info import _moe_sizes
+    from rose.stages.model import moe_sizes
 
     qwen3 = AutoConfig.for_model(
         "qwen3_moe", hidden_size=2048, moe_intermediate_size=768, num_experts=128,
@@ -726,7 +720,7 @@ def test_readme_moe_slurm_requests_are_the_estimate():
     for name, (config, layers, hidden, parameters) in models.items():
         shape = dict(num_layers=layers, hidden_size=hidden, parameters=parameters, dtype="bfloat16")
         for stage in ("hessians", "prune"):
-            est = resources.estimate_resources(stage, cfg, {**shape, **_moe_sizes(config, 1)})
+            est = resources.estimate_resources(stage, cfg, {**shape, **moe_sizes(config, 1)})
             got[name, stage] = (round(est["mem_mb"] / 1024), est["runtime"])
         got[name, "dense formula"] = round(
             resources.estimate_resources("hessians", cfg, shape)["mem_mb"] / 1024

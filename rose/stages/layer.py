@@ -1,12 +1,13 @@
-"""The four per-layer stages: Hessians, ROSE order, pruning, and the next layer's inputs.
+"""The layer chain: Hessians, ROSE order, pruning, and the next layer's inputs.
 
-Each runs one decoder layer rebuilt from the checkpoint (never the whole
-model) on the calibration hidden states streamed from HDF5, so memory stays
-at one layer whatever the model size.
+Per variant and decoder layer i: inputs_i -> hessians_i -> order_i -> pruned_i ->
+inputs_{i+1}, where the forward step runs the *pruned* layer i on inputs_i.
+Layer 0's inputs (the embeddings) and Hessians (the dense layer on them) are the
+same for every variant, so they are made once (`embed_calibration`,
+`shared_hessians`). Each step runs one decoder layer rebuilt from the checkpoint
+on the calibration hidden states streamed from HDF5 (`rose.stages.layer_pass`),
+so memory stays at one layer whatever the model size.
 
-What a layer prunes is its units (`family.LayerUnits`): each Linear, and in a
-mixture-of-experts layer each routed expert's gate, up and down matrices (slices
-of transformers' stacked parameters or the checkpoint's per-expert tensors).
 A routed expert's Hessians are built from the tokens the layer's own router
 sends it (all tokens with `moe.calibrate_all_experts`), captured at the experts
 module's input during the dense layer's forward; the layer output, which feeds
@@ -17,8 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +27,21 @@ import torch
 from rose import family
 from rose.artifacts import (
     ArtifactError,
-    H5Artifact,
     H5StreamWriter,
-    MemoryH5,
     atomic_write_json,
     check_provenance,
     open_h5,
-    prefetch,
     read_json,
     read_pruned,
     write_h5,
     write_pruned,
 )
-from rose.config import RunConfig, Variant
-from rose.device import compute_dtype, resolve_device, storage_dtype
+from rose.config import Variant
+from rose.device import available_memory, storage_dtype
 from rose.handoff import Handoff
-from rose.hessian import HessianAccumulator, HessianWriter, available_memory
-from rose.methods import NEEDS_HESSIAN, prune_weight, reconstruction_error
-from rose.model_info import ModelInfo, open_model
+from rose.hessian import HessianWriter
+from rose.layout import DENSE
+from rose.methods import prune_weight, reconstruction_error
 from rose.ordering import Ordering, rose_order
 from rose.provenance import (
     allocation_provenance,
@@ -52,111 +49,23 @@ from rose.provenance import (
     layer_inputs_provenance,
     layer_provenance,
 )
+from rose.sizing import H5_OVERHEAD, ORDER_PER_LINEAR, STATS_PER_LINEAR, blocks
 from rose.sparsity import Sparsity
-from rose.stages.calibration import HIDDEN
+from rose.stages.layer_pass import (
+    HIDDEN,
+    DenseLayer,
+    build_module,
+    hidden_batches,
+    layer_units,
+    log_progress,
+    read_unit,
+)
+from rose.stages.spec import Stage, StageContext
 
 log = logging.getLogger("rose")
 
 
-@dataclass(frozen=True)
-class MoeSettings:
-    """The `moe:` section of the config (mixture-of-experts models only)."""
-
-    # Every expert's Hessians from all calibration tokens (llm-compressor's default), so
-    # rarely chosen experts are not pruned blind; the layer output still uses the real routing.
-    calibrate_all_experts: bool = True
-    # Prune the router gates (`mlp.gate`, Qwen2-MoE's `shared_expert_gate`) too.
-    prune_router: bool = False
-
-
-def moe_settings(cfg: RunConfig) -> MoeSettings:
-    """The one place the `moe:` settings are read (defaults for a config without the section)."""
-    raw = cfg.raw.get("moe") or {}
-    defaults = MoeSettings()
-    return MoeSettings(
-        calibrate_all_experts=bool(
-            raw.get("calibrate_all_experts", defaults.calibrate_all_experts)
-        ),
-        prune_router=bool(raw.get("prune_router", defaults.prune_router)),
-    )
-
-
-def layer_units(cfg: RunConfig, checkpoint, fam: family.Family, layer: int) -> family.LayerUnits:
-    """What layer `layer` prunes, named as the checkpoint names its tensors."""
-    names = checkpoint.layer_names(fam.layer_prefix.format(index=layer))
-    return family.layer_units(checkpoint.config, layer, names, moe_settings(cfg).prune_router)
-
-
-def read_unit(checkpoint, prefix: str, unit: family.Unit) -> torch.Tensor:
-    """A unit's weight [out, in] from the checkpoint (one expert's slice of a stacked tensor)."""
-    if unit.index is None:
-        return checkpoint.read(prefix + unit.tensor)
-    return checkpoint.read_slice(prefix + unit.tensor, unit.index, unit.rows)
-
-
-def _layer_context(cfg: RunConfig, model_json: str | Path, variant_name: str | None):
-    """What a stage that runs a decoder layer needs: model info, variant (None: the dense
-    layer on the shared inputs), device, dtype, weights, family."""
-    info = ModelInfo.load(model_json)
-    variant = cfg.variant(variant_name) if variant_name is not None else None
-    device = resolve_device(cfg.device)
-    dtype = compute_dtype(cfg, info, device)
-    checkpoint, fam = open_model(info)
-    return info, variant, device, dtype, checkpoint, fam
-
-
-def _layer_module(
-    checkpoint, fam, layer: int, device, dtype, replace: dict[str, torch.Tensor] | None = None
-):
-    tensors = checkpoint.read_prefix(fam.layer_prefix.format(index=layer))
-    for name, tensor in (replace or {}).items():
-        if name not in tensors:
-            raise ArtifactError(f"layer {layer}: pruned tensor {name} is not part of the model")
-        if tuple(tensor.shape) != tuple(tensors[name].shape):
-            raise ArtifactError(
-                f"layer {layer}: pruned {name} has shape {tuple(tensor.shape)}, "
-                f"the model has {tuple(tensors[name].shape)}"
-            )
-        tensors[name] = tensor
-    return family.build_layer(checkpoint.config, layer, tensors, device=device, dtype=dtype)
-
-
-def _hidden_batches(
-    path: Path, expected: dict[str, Any], batch: int, handoff: Handoff | None = None
-) -> tuple[H5Artifact | MemoryH5, Iterator[torch.Tensor]]:
-    artifact = open_h5(path, expected, handoff)
-    return artifact, prefetch(artifact.iter_tensors(HIDDEN, batch))
-
-
-def _log_progress(stage: str, done: int, total: int, started: float) -> None:
-    elapsed = time.perf_counter() - started
-    eta = elapsed / max(done, 1) * (total - done)
-    log.info("%s: %d/%d samples, %.1fs elapsed, ETA %.1fs", stage, done, total, elapsed, eta)
-
-
-def _module_weight(module: torch.nn.Module, unit: family.Unit) -> torch.Tensor:
-    """A unit's weight inside the built layer (transformers' names and layout)."""
-    if unit.expert is None:
-        return module.get_submodule(unit.module).weight
-    experts = module.get_submodule(family.EXPERTS)
-    if unit.part == "down":
-        return experts.down_proj[unit.expert]
-    inter = experts.gate_up_proj.shape[1] // 2
-    return (
-        experts.gate_up_proj[unit.expert, :inter]
-        if unit.part == "gate"
-        else experts.gate_up_proj[unit.expert, inter:]
-    )
-
-
-def _expert_intermediate(experts: torch.nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
-    """act(gate(x)) * up(x) of one expert: the input of its down projection, computed with the
-    experts module's own gating function (the one its forward applies)."""
-    gate_up = torch.nn.functional.linear(x, experts.gate_up_proj[expert])
-    if hasattr(experts, "_apply_gate"):
-        return experts._apply_gate(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return experts.act_fn(gate) * up
+# ---------------------------------------------------------------- Hessians
 
 
 def _expert_passes(
@@ -183,16 +92,7 @@ def _expert_passes(
     return [experts[i : i + step] for i in range(0, len(experts), step)]
 
 
-def compute_hessians(
-    cfg: RunConfig,
-    model_json: str | Path,
-    variant_name: str | None,
-    layer: int,
-    inputs_h5: str | Path,
-    out_h5: str | Path,
-    memory_budget: int | None = None,
-    handoff: Handoff | None = None,
-) -> dict[str, Any]:
+def compute_hessians(ctx: StageContext, memory_budget: int | None = None) -> dict[str, Any]:
     """H = (2/N) sum X^T X for every input group of the dense layer.
 
     Routed experts: X holds the tokens the router sends the expert (all tokens with
@@ -203,24 +103,19 @@ def compute_hessians(
     group of experts that fits, and each group's Hessians are written to the
     artifact and freed before the next. Returns {"passes", "experts_per_pass"}.
 
-    Layer 0 (`variant_name` None) reads the shared embeddings: one file serves every variant.
+    Layer 0 (the shared_hessians step, no variant) reads the shared embeddings: one file
+    serves every variant.
     """
-    info, variant, device, dtype, checkpoint, fam = _layer_context(cfg, model_json, variant_name)
-    settings = moe_settings(cfg)
-    units = layer_units(cfg, checkpoint, fam, layer)
-    module = _layer_module(checkpoint, fam, layer, device, dtype)
-    widths: dict[str, int] = {}
-    for name in units.names():
-        weight = _module_weight(module, units.units[name])
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError(f"layer {layer} {name}: the weight has NaN/Inf (corrupt checkpoint)")
-        widths[name] = weight.shape[1]
+    cfg, info, variant = ctx.cfg, ctx.model_info, ctx.variant
+    layer = ctx.layer if variant is not None else 0
+    all_tokens = cfg.moe.calibrate_all_experts
+    dense = DenseLayer(
+        ctx, layer, Path(ctx.inputs["inputs"]), layer_inputs_provenance(cfg, info, variant, layer)
+    )
+    units = dense.units
     if memory_budget is None:
-        memory_budget = available_memory(device) // 2
-    passes = _expert_passes(units, widths, memory_budget)
-    expected = layer_inputs_provenance(cfg, info, variant, layer)
-    with open_h5(Path(inputs_h5), expected, handoff) as probe:
-        total = probe.shape(HIDDEN)[0]
+        memory_budget = available_memory(ctx.device) // 2
+    passes = _expert_passes(units, dense.widths, memory_budget)
     if len(passes) > 1:
         log.info(
             "layer %d hessians: %d experts' Hessians do not fit in %.1f GiB; %d passes of up to %d experts",
@@ -230,10 +125,11 @@ def compute_hessians(
             len(passes),
             len(passes[0]),
         )
-    total_bytes = sum(4 * widths[g[0]] ** 2 for g in units.groups)
+    total_bytes = sum(4 * dense.widths[g[0]] ** 2 for g in units.groups)
     provenance = hessians_provenance(cfg, info, variant, layer)
-    routed = [0] * units.num_experts
-    with HessianWriter(out_h5, provenance, total_bytes, handoff=handoff) as writer:
+    with HessianWriter(
+        ctx.outputs["hessians"], provenance, total_bytes, handoff=ctx.handoff
+    ) as writer:
         for number, chunk in enumerate(passes):
             groups = [
                 g
@@ -241,117 +137,25 @@ def compute_hessians(
                 if (units.units[g[0]].expert is None and number == 0)
                 or units.units[g[0]].expert in chunk
             ]
-            accumulators = _hessian_pass(
-                cfg,
-                module,
-                checkpoint.config,
-                units,
-                groups,
-                chunk,
-                widths,
-                routed,
-                settings,
-                device,
-                dtype,
-                Path(inputs_h5),
-                expected,
-                f"layer {layer} hessians"
-                + (f" (pass {number + 1}/{len(passes)})" if len(passes) > 1 else ""),
-                total,
-                handoff=handoff,
+            label = f"layer {layer} hessians" + (
+                f" (pass {number + 1}/{len(passes)})" if len(passes) > 1 else ""
             )
+            accumulators, routed = dense.accumulate(groups, chunk, label, all_tokens=all_tokens)
             for group in groups:  # written and freed one by one
                 _write_hessian(
-                    writer, layer, group, units, accumulators.pop(group[0]), total, routed, settings
+                    writer,
+                    layer,
+                    group,
+                    units,
+                    accumulators.pop(group[0]),
+                    dense.sequences,
+                    routed,
+                    all_tokens,
                 )
     return {"passes": len(passes), "experts_per_pass": len(passes[0])}
 
 
-def _hessian_pass(
-    cfg,
-    module,
-    config,
-    units,
-    groups,
-    chunk,
-    widths,
-    routed,
-    settings,
-    device,
-    dtype,
-    inputs_h5,
-    expected,
-    stage,
-    total,
-    make_accumulator=None,
-    on_output=None,
-    handoff: Handoff | None = None,
-) -> dict[str, Any]:
-    """One pass of the calibration inputs through the dense layer, accumulating `groups`' Hessians
-    (the routed experts in `chunk`, counting their routed tokens into `routed`).
-
-    `make_accumulator(columns, device=...)` collects something else from the same inputs (the
-    OWL pass: column norms); `on_output(batch)` receives the layer's outputs."""
-    make_accumulator = make_accumulator or HessianAccumulator
-    accumulators = {g[0]: make_accumulator(widths[g[0]], device=device) for g in groups}
-    hooks = []
-    for group in groups:
-        unit = units.units[group[0]]
-        if unit.expert is None:
-            acc = accumulators[group[0]]
-            hooks.append(
-                module.get_submodule(unit.module).register_forward_pre_hook(
-                    lambda _m, args, acc=acc: acc.add_rows(args[0].float())
-                )
-            )
-    if chunk:
-        ins = {e: accumulators[units.group_of(_expert_unit(units, e, "gate"))] for e in chunk}
-        mids = {e: accumulators[units.group_of(_expert_unit(units, e, "down"))] for e in chunk}
-
-        def capture(experts, args, kwargs):
-            # the experts module's call: the block's input and the router's real choice
-            x = args[0] if args else kwargs["hidden_states"]
-            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            chosen = torch.stack([(index == e).any(dim=-1) for e in chunk])  # [experts, tokens]
-            for e, mask, count in zip(chunk, chosen, chosen.sum(dim=-1).tolist(), strict=True):
-                routed[e] += count
-                xe = x if settings.calibrate_all_experts else x[mask]
-                if xe.shape[0]:
-                    ins[e].add_rows(xe.float())
-                    mids[e].add_rows(_expert_intermediate(experts, e, xe).float())
-
-        hooks.append(
-            module.get_submodule(family.EXPERTS).register_forward_pre_hook(
-                capture, with_kwargs=True
-            )
-        )
-    artifact, batches = _hidden_batches(inputs_h5, expected, cfg.calibration.batch_size, handoff)
-    started, done = time.perf_counter(), 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                out = family.layer_forward(module, config, batch.to(device, dtype))
-                if on_output is not None:
-                    on_output(out)
-                done += batch.shape[0]
-                _log_progress(stage, done, total, started)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        artifact.close()
-    if done != total:
-        raise ArtifactError(f"{inputs_h5}: {done} of {total} sequences could be read")
-    return accumulators
-
-
-def _expert_unit(units: family.LayerUnits, expert: int, part: str) -> str:
-    for name, unit in units.units.items():
-        if unit.expert == expert and unit.part == part:
-            return name
-    raise KeyError(f"expert {expert} {part}")
-
-
-def _write_hessian(writer, layer, group, units, acc, sequences, routed, settings) -> None:
+def _write_hessian(writer, layer, group, units, acc, sequences, routed, all_tokens) -> None:
     unit = units.units[group[0]]
     attrs: dict[str, Any] = {"linears": ",".join(group), "sequences": sequences}
     if acc.tokens == 0:
@@ -376,7 +180,7 @@ def _write_hessian(writer, layer, group, units, acc, sequences, routed, settings
             expert=unit.expert,
             tokens=acc.tokens,
             routed_tokens=routed[unit.expert],
-            calibrate_all_experts=settings.calibrate_all_experts,
+            calibrate_all_experts=all_tokens,
         )
     writer.write(group[0], hessian, attrs)
 
@@ -413,23 +217,22 @@ class _Hessians:
         self.close()
 
 
-def layer_sparsity(
-    cfg: RunConfig,
-    info: ModelInfo,
-    variant: Variant,
-    layer: int,
-    allocation_json: str | Path | None,
-) -> Sparsity:
-    """The target of one layer: the variant's own, or its entry in allocation.json."""
+# ---------------------------------------------------------------- order and prune
+
+
+def layer_sparsity(ctx: StageContext) -> Sparsity:
+    """The target of the step's layer: the variant's own, or its entry in allocation.json."""
+    variant, layer = ctx.variant, ctx.layer
     if variant.allocation.is_uniform:
         return variant.sparsity
+    allocation_json = ctx.inputs.get("allocation")
     if allocation_json is None:
         raise ArtifactError(f"{variant.name} layer {layer}: its allocation file was not given")
     record = read_json(allocation_json)
     check_provenance(
         Path(allocation_json),
         record.get("provenance", {}),
-        allocation_provenance(cfg, info, variant),
+        allocation_provenance(ctx.cfg, ctx.model_info, variant),
     )
     layers = record.get("layers", [])
     if layer >= len(layers):
@@ -437,30 +240,18 @@ def layer_sparsity(
     return Sparsity(fraction=float(layers[layer]["sparsity"]))
 
 
-def compute_order(
-    cfg: RunConfig,
-    model_json: str | Path,
-    variant_name: str,
-    layer: int,
-    hessians_h5: str | Path,
-    out_h5: str | Path,
-    allocation_json: str | Path | None = None,
-    handoff: Handoff | None = None,
-) -> None:
+def compute_order(ctx: StageContext) -> None:
     """ROSE's column/block losses, relative range, columnar flag and permutation per unit."""
-    info = ModelInfo.load(model_json)
-    variant = cfg.variant(variant_name)
-    sparsity = layer_sparsity(cfg, info, variant, layer, allocation_json)
-    device = resolve_device(cfg.device)
-    checkpoint, fam = open_model(info)
-    units = layer_units(cfg, checkpoint, fam, layer)
-    prefix = fam.layer_prefix.format(index=layer)
+    cfg, info, variant, layer = ctx.cfg, ctx.model_info, ctx.variant, ctx.layer
+    sparsity = layer_sparsity(ctx)
+    units = layer_units(cfg, ctx.checkpoint, layer)
+    prefix = ctx.family.layer_prefix.format(index=layer)
     reorder = cfg.prune.reorder if variant.method == "rose" else "never"
     datasets, group_attrs = {}, {}
     expected = hessians_provenance(cfg, info, variant, layer)
-    with _Hessians(hessians_h5, expected, device, handoff) as hessians:
+    with _Hessians(ctx.inputs["hessians"], expected, ctx.device, ctx.handoff) as hessians:
         for name in units.names():
-            weight = read_unit(checkpoint, prefix, units.units[name]).to(device)
+            weight = read_unit(ctx.checkpoint, prefix, units.units[name]).to(ctx.device)
             hessian = hessians.get(units.group_of(name))
             order = rose_order(
                 weight,
@@ -483,18 +274,18 @@ def compute_order(
                 "threshold": order.threshold,
             }
     write_h5(
-        out_h5,
+        ctx.outputs["order"],
         datasets,
         layer_provenance(cfg, info, "order", variant, layer),
         group_attrs=group_attrs,
-        handoff=handoff,
+        handoff=ctx.handoff,
     )
 
 
-def _read_orders(cfg, info, variant, layer, names, order_h5, handoff) -> dict[str, Ordering]:
+def _read_orders(ctx: StageContext, names: list[str]) -> dict[str, Ordering]:
     orders = {}
-    expected = layer_provenance(cfg, info, "order", variant, layer)
-    with open_h5(order_h5, expected, handoff) as art:
+    expected = layer_provenance(ctx.cfg, ctx.model_info, "order", ctx.variant, ctx.layer)
+    with open_h5(ctx.inputs["order"], expected, ctx.handoff) as art:
         for name in names:
             attrs = art.group_attrs(name)
             orders[name] = Ordering(
@@ -534,43 +325,30 @@ def _write_back(
     return out
 
 
-def prune_layer(
-    cfg: RunConfig,
-    model_json: str | Path,
-    variant_name: str,
-    layer: int,
-    hessians_h5: str | Path | None,
-    order_h5: str | Path | None,
-    out_safetensors: str | Path,
-    out_stats: str | Path,
-    allocation_json: str | Path | None = None,
-    handoff: Handoff | None = None,
-) -> dict[str, Any]:
+def prune_layer(ctx: StageContext) -> dict[str, Any]:
     """Prune every unit of one layer; write its weights (in the checkpoint's layout) and per-unit stats."""
-    info = ModelInfo.load(model_json)
-    variant = cfg.variant(variant_name)
-    sparsity = layer_sparsity(cfg, info, variant, layer, allocation_json)
-    device = resolve_device(cfg.device)
-    checkpoint, fam = open_model(info)
-    units = layer_units(cfg, checkpoint, fam, layer)
-    needs_hessian = variant.method in NEEDS_HESSIAN
+    cfg, info, variant, layer = ctx.cfg, ctx.model_info, ctx.variant, ctx.layer
+    sparsity = layer_sparsity(ctx)
+    checkpoint = ctx.checkpoint
+    units = layer_units(cfg, checkpoint, layer)
     hessians = (
-        _Hessians(hessians_h5, hessians_provenance(cfg, info, variant, layer), device, handoff)
-        if needs_hessian
+        _Hessians(
+            ctx.inputs["hessians"],
+            hessians_provenance(cfg, info, variant, layer),
+            ctx.device,
+            ctx.handoff,
+        )
+        if variant.needs_hessian
         else None
     )
-    orders = (
-        _read_orders(cfg, info, variant, layer, units.names(), order_h5, handoff)
-        if order_h5
-        else {}
-    )
-    prefix = fam.layer_prefix.format(index=layer)
+    orders = _read_orders(ctx, units.names()) if "order" in ctx.inputs else {}
+    prefix = ctx.family.layer_prefix.format(index=layer)
     pruned: dict[str, torch.Tensor] = {}
     stats: dict[str, Any] = {}
     try:
         for name in units.names():
             unit = units.units[name]
-            weight = read_unit(checkpoint, prefix, unit).to(device)
+            weight = read_unit(checkpoint, prefix, unit).to(ctx.device)
             group = units.group_of(name)
             hessian = hessians.get(group) if hessians is not None else None
             result = prune_weight(
@@ -611,14 +389,19 @@ def prune_layer(
         if hessians is not None:
             hessians.close()
     provenance = layer_provenance(cfg, info, "pruned", variant, layer)
+    written = _write_back(checkpoint, prefix, units, pruned, layer)
+    # under the checkpoint's own names: the file is also a shard of the reassembled model
     write_pruned(
-        out_safetensors, _write_back(checkpoint, prefix, units, pruned, layer), provenance, handoff
+        ctx.outputs["pruned"],
+        {prefix + name: tensor for name, tensor in written.items()},
+        provenance,
+        ctx.handoff,
     )
     # The sweep's float32 matmuls round differently with another thread count or device, so the
     # bytes are reproducible for the same (device, threads): recorded with every layer.
-    numerics = {"device": str(device), "torch_threads": torch.get_num_threads()}
+    numerics = {"device": str(ctx.device), "torch_threads": torch.get_num_threads()}
     atomic_write_json(
-        out_stats,
+        ctx.outputs["stats"],
         {
             "provenance": provenance,
             "numerics": numerics,
@@ -664,25 +447,23 @@ def _expert_stats(
     return out
 
 
-def forward_layer(
-    cfg: RunConfig,
-    model_json: str | Path,
-    variant_name: str,
-    layer: int,
-    inputs_h5: str | Path,
-    pruned_safetensors: str | Path,
-    out_h5: str | Path,
-    handoff: Handoff | None = None,
-) -> None:
-    """Run the calibration inputs through the pruned layer: the next layer's inputs."""
-    info, variant, device, dtype, checkpoint, fam = _layer_context(cfg, model_json, variant_name)
+# ---------------------------------------------------------------- the next layer's inputs
+
+
+def forward_layer(ctx: StageContext) -> None:
+    """Run the calibration inputs through the pruned layer i - 1: layer i's inputs."""
+    cfg, info, variant = ctx.cfg, ctx.model_info, ctx.variant
+    layer = ctx.layer - 1
     pruned = read_pruned(
-        pruned_safetensors, layer_provenance(cfg, info, "pruned", variant, layer), handoff
+        ctx.inputs["pruned"], layer_provenance(cfg, info, "pruned", variant, layer), ctx.handoff
     )
-    module = _layer_module(checkpoint, fam, layer, device, dtype, replace=pruned)
+    prefix = ctx.family.layer_prefix.format(index=layer)  # (files of older runs lack it)
+    module = build_module(
+        ctx, layer, replace={n.removeprefix(prefix): t for n, t in pruned.items()}
+    )
     expected = layer_inputs_provenance(cfg, info, variant, layer)
-    artifact, batches = _hidden_batches(
-        Path(inputs_h5), expected, cfg.calibration.batch_size, handoff
+    artifact, batches = hidden_batches(
+        Path(ctx.inputs["inputs"]), expected, cfg.calibration.batch_size, ctx.handoff
     )
     shape = artifact.shape(HIDDEN)
     started, done = time.perf_counter(), 0
@@ -690,16 +471,184 @@ def forward_layer(
         attrs = layer_provenance(cfg, info, "layer-inputs", variant, layer + 1)
         with (
             H5StreamWriter(
-                out_h5, HIDDEN, shape, storage_dtype(dtype), attrs, handoff=handoff
+                ctx.outputs["inputs"],
+                HIDDEN,
+                shape,
+                storage_dtype(ctx.dtype),
+                attrs,
+                handoff=ctx.handoff,
             ) as writer,
             torch.no_grad(),
         ):
             for batch in batches:
-                out = family.layer_forward(module, checkpoint.config, batch.to(device, dtype))
+                out = family.layer_forward(
+                    module, ctx.checkpoint.config, batch.to(ctx.device, ctx.dtype)
+                )
                 if not bool(torch.isfinite(out).all()):
                     raise ValueError(f"layer {layer}: the pruned layer's outputs contain NaN/Inf")
                 writer.write(out)
                 done += batch.shape[0]
-                _log_progress(f"layer {layer} forward", done, shape[0], started)
+                log_progress(f"layer {layer} forward", done, shape[0], started)
     finally:
         artifact.close()
+
+
+# ---------------------------------------------------------------- the records
+
+
+def _variant_layers(first: int, has: Callable[[Variant], bool] = lambda v: True):
+    """Steps of every variant whose chain `has` the stage, layers first..depth-1."""
+
+    def steps(plan):
+        return [
+            {"variant": v.name, "layer": layer}
+            for v in plan.variants.values()
+            if has(v)
+            for layer in range(first, plan.depth)
+        ]
+
+    return steps
+
+
+def _with_allocation(plan, w, inputs: dict) -> dict:
+    variant = plan.variants[w["variant"]]
+    if not variant.allocation.is_uniform:
+        inputs["allocation"] = plan.layout.allocation(variant.target)
+    return inputs
+
+
+def _prune_inputs(plan, w) -> dict:
+    variant, layer = plan.variants[w["variant"]], int(w["layer"])
+    inputs = {}
+    if variant.needs_hessian:
+        inputs["hessians"] = plan.layout.hessians(variant.name, layer)
+    if variant.needs_order:
+        inputs["order"] = plan.layout.order(variant.name, layer)
+    return _with_allocation(plan, w, inputs)
+
+
+def _hessians_bytes(s, name, w) -> float:
+    layer = s.layer(w)
+    return blocks(4 * layer.hessian_elements + H5_OVERHEAD + len(layer.groups()) * 1024)
+
+
+def _order_bytes(s, name, w) -> float:
+    total = H5_OVERHEAD
+    for lin in s.layer(w).linears:
+        n = -(-lin.cols // s.cfg.prune.blocksize)
+        total += 16 * lin.cols + 16 * n + 4 * min(64, lin.rows) * n + ORDER_PER_LINEAR
+    return blocks(total)
+
+
+def _pruned_bytes(s, name, w) -> float:
+    if name == "stats":
+        return blocks(STATS_PER_LINEAR * len(s.layer(w).linears) + 1024)
+    return s.pruned_layer(int(w["layer"]))
+
+
+def _hessians_estimate(f) -> tuple[float, float]:
+    host = 2 * f.weights32 + f.acts + f.hess
+    return host, (f.forward_flops + f.tokens * f.hessian_token_flops) / f.flops + f.io(2 * f.acts)
+
+
+def _hessians_gpu(g) -> float:
+    return g.weights + g.acts + g.hess + g.batch_tokens * g.widest_in * 4
+
+
+HESSIANS_DISK = {"hessians": "Hessians"}
+
+STAGES = (
+    # Layer 0's Hessians: the dense layer on the shared embeddings, the same for every variant.
+    Stage(
+        "shared_hessians",
+        compute_hessians,
+        outputs=lambda L, w: {"hessians": L.shared_hessians},
+        estimate=_hessians_estimate,
+        steps=lambda plan: [{}] if any(v.needs_hessian for v in plan.variants.values()) else [],
+        inputs=lambda plan, w: {"inputs": plan.layout.inputs(DENSE, 0)},
+        temporary=frozenset({"hessians"}),
+        gpu=True,
+        chain=True,
+        gpu_memory=_hessians_gpu,
+        writes=_hessians_bytes,
+        disk=HESSIANS_DISK,
+    ),
+    Stage(
+        "hessians",
+        compute_hessians,
+        outputs=lambda L, w: {"hessians": L.variant_hessians(w["variant"], w["layer"])},
+        estimate=_hessians_estimate,
+        wildcards=("variant", "layer"),
+        steps=_variant_layers(1, lambda v: v.needs_hessian),
+        inputs=lambda plan, w: {"inputs": plan.layout.inputs(w["variant"], int(w["layer"]))},
+        temporary=frozenset({"hessians"}),
+        gpu=True,
+        chain=True,
+        gpu_memory=_hessians_gpu,
+        writes=_hessians_bytes,
+        disk=HESSIANS_DISK,
+    ),
+    Stage(
+        "order",
+        compute_order,
+        outputs=lambda L, w: {"order": L.order(w["variant"], w["layer"])},
+        estimate=lambda f: (
+            2 * f.weights32 + 2 * f.hess,
+            f.sweep_flops / f.flops + f.io(2 * f.hess),
+        ),
+        wildcards=("variant", "layer"),
+        steps=_variant_layers(0, lambda v: v.needs_order),
+        inputs=lambda plan, w: _with_allocation(
+            plan, w, {"hessians": plan.layout.hessians(w["variant"], int(w["layer"]))}
+        ),
+        gpu=True,
+        chain=True,
+        gpu_memory=lambda g: g.hess + 4.0 * 4 * g.big.rows * g.big.cols,
+        writes=_order_bytes,
+        disk={"order": "order files"},
+    ),
+    Stage(
+        "prune",
+        prune_layer,
+        outputs=lambda L, w: {
+            "pruned": L.pruned(w["variant"], w["layer"]),
+            "stats": L.stats(w["variant"], w["layer"]),
+        },
+        estimate=lambda f: (
+            3 * f.weights32 + 2 * f.hess,
+            2 * f.sweep_flops / f.flops + f.io(2 * f.hess),
+        ),
+        wildcards=("variant", "layer"),
+        steps=_variant_layers(0),
+        inputs=_prune_inputs,
+        gpu=True,
+        chain=True,
+        gpu_memory=lambda g: (
+            g.hess + g.big.rows * g.big.cols * (g.cbytes + 3 * 4 + 1) + 5.0 * 4 * g.big.cols**2
+        ),
+        writes=_pruned_bytes,
+        disk={"pruned": "pruned layers"},
+    ),
+    # The pruned layer i-1 run on its inputs: layer i's inputs (layer >= 1; layer 0 is the embedding).
+    Stage(
+        "forward",
+        forward_layer,
+        outputs=lambda L, w: {"inputs": L.forward_inputs(w["variant"], w["layer"])},
+        estimate=lambda f: (
+            2 * f.weights32 + 2 * f.acts,
+            f.forward_flops / f.flops + f.io(3 * f.acts),
+        ),
+        wildcards=("variant", "layer"),
+        steps=_variant_layers(1, lambda v: v.needs_hessian),
+        inputs=lambda plan, w: {
+            "inputs": plan.layout.inputs(w["variant"], int(w["layer"]) - 1),
+            "pruned": plan.layout.pruned(w["variant"], int(w["layer"]) - 1),
+        },
+        temporary=frozenset({"inputs"}),
+        gpu=True,
+        chain=True,
+        gpu_memory=lambda g: g.weights + g.acts,
+        writes=lambda s, name, w: s.inputs,
+        disk={"inputs": "layer inputs"},
+    ),
+)

@@ -13,6 +13,7 @@ from rose.joblog import log_to
 from rose.model_info import ModelInfo
 from rose.provenance import check_run
 from rose.resources import resolve_threads, rule_resources
+from rose.stages import STAGES
 
 try:
     CFG = from_dict(config)
@@ -90,7 +91,7 @@ def plan_outputs(stage):
     """The stage's outputs as patterns, temp()/directory() where the plan says so."""
     out = {}
     for name, pattern in PLAN.output_patterns(stage).items():
-        if name in graph.STAGES[stage].directories:
+        if name in STAGES[stage].directories:
             pattern = directory(pattern)
         if PLAN.is_temporary(stage, name):
             pattern = temp(pattern)
