@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rose.ordering import (
+    NaNScoresError,
     Ordering,
     rose_order,
     scores,
@@ -179,7 +180,10 @@ def prune_weight(
     validate(weight, hessian if method in NEEDS_HESSIAN else None, sparsity, what)
     started = time.perf_counter()
     with torch.no_grad():
-        result = METHODS[method](weight, hessian, sparsity, settings, ordering)
+        try:
+            result = METHODS[method](weight, hessian, sparsity, settings, ordering)
+        except NaNScoresError as exc:
+            raise ValueError(f"{what}: {exc} (method {method}, sparsity {sparsity})") from None
     if weight.is_cuda:
         torch.cuda.synchronize(weight.device)
     result.seconds = time.perf_counter() - started

@@ -113,3 +113,19 @@ def test_order_records_diagnostics_per_linear(wanda_zero):
             assert group["loss_map"].shape[1] == -(-cols // 128)
     info = ModelInfo.load(layout.model_json)
     assert info.num_layers == 3 and info.hidden_size == 200 and info.parameters > 0
+
+
+def test_order_stage_names_the_linear_whose_scores_hold_nan(wanda_zero, tmp_path, monkeypatch):
+    """The order stage reads weights it does not validate: a NaN score is refused with the
+    layer and the Linear it came from, and no order.h5 is written."""
+    from rose import ordering
+    from rose.stages.layer import compute_order
+
+    cfg, layout = wanda_zero
+    monkeypatch.setattr(ordering, "scores", lambda w, h: torch.full(w.shape, float("nan")))
+    out = tmp_path / "order.h5"
+    with pytest.raises(
+        ValueError, match=r"^layer 1 self_attn\.\w+: the pruning scores contain NaN"
+    ):
+        compute_order(cfg, layout.model_json, "rose-0", 1, layout.hessians("rose-0", 1), out)
+    assert not out.exists()
