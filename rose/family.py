@@ -157,9 +157,14 @@ class Family:
     lm_head_name: str = "lm_head.weight"
     # Gemma: embeddings * sqrt(hidden_size), the scale cast to the embedding dtype first.
     scale_embeddings: bool = False
-    # True: config.layer_types names each layer's attention kind (Qwen2/3, Gemma 2/3).
-    # False: config.sliding_window, set or None, applies to every layer (Llama, Mistral, Phi-3).
+    # How transformers' model and attention module of the family pick a layer's kind:
+    # True: config.layer_types names each layer's kind (Qwen2/3, Gemma 2/3, Qwen2-MoE).
+    # False: config.sliding_window, set or None, applies to every layer (Mistral, Phi-3,
+    # Mixtral, Qwen3-MoE)...
     per_layer_types: bool = False
+    # ...unless the family ignores it (Llama: LlamaAttention and LlamaModel mask causally,
+    # whatever a config's sliding_window says).
+    ignores_sliding_window: bool = False
     # Gemma 3: one rotary embedding per attention kind (local and global RoPE).
     rotary_per_kind: bool = False
     # What transformers runs the full model with by default (Gemma 2: eager, the only
@@ -192,22 +197,41 @@ class Family:
             raise ValueError(
                 f"{self.name}: bidirectional attention (an encoder/embedding model) is not supported"
             )
+        window = getattr(config, "sliding_window", None)
         if self.per_layer_types:
-            kind = config.layer_types[index]
+            layer_types = getattr(config, "layer_types", None) or ()
+            if index >= len(layer_types):
+                raise ValueError(
+                    f"{self.name} layer {index}: config.layer_types does not name this layer's "
+                    f"attention kind (layer_types {layer_types!r})"
+                )
+            kind = layer_types[index]
+        elif self.ignores_sliding_window:
+            kind = FULL
         else:
-            kind = SLIDING if getattr(config, "sliding_window", None) is not None else FULL
+            kind = SLIDING if window is not None else FULL
         if kind not in _mask_builders():
             raise ValueError(
                 f"{self.name} layer {index}: attention kind {kind!r} is not handled by rose "
                 f"(handled: {', '.join(sorted(_mask_builders()))})"
+            )
+        # transformers cannot build this layer's window either (None: its mask builder raises;
+        # 0, Qwen2-MoE's value without use_sliding_window: a mask that allows no key)
+        if kind == SLIDING and not (
+            isinstance(window, int) and not isinstance(window, bool) and window > 0
+        ):
+            raise ValueError(
+                f"{self.name} layer {index}: a sliding_attention layer needs config.sliding_window "
+                f"to be a positive number of tokens, got {window!r}"
             )
         return kind
 
 
 FAMILIES: dict[str, Family] = {
     # Llama 1-3.x: Llama 3's rope scaling (rope_type llama3) is part of the rotary
-    # embedding transformers builds from the config.
-    "llama": Family("llama", "llama", "Llama"),
+    # embedding transformers builds from the config. Always causal: a config's
+    # sliding_window is ignored, as transformers' Llama ignores it.
+    "llama": Family("llama", "llama", "Llama", ignores_sliding_window=True),
     "mistral": Family("mistral", "mistral", "Mistral"),
     "qwen2": Family("qwen2", "qwen2", "Qwen2", per_layer_types=True),
     "qwen3": Family("qwen3", "qwen3", "Qwen3", per_layer_types=True),

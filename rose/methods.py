@@ -15,6 +15,7 @@ import torch
 from rose.ordering import (
     REORDER_MODES,
     THRESHOLD,
+    NaNScoresError,
     Ordering,
     rose_order,
     scores,
@@ -195,7 +196,10 @@ def prune_weight(
     validate(weight, hessian if spec.needs_hessian else None, sparsity, what)
     started = time.perf_counter()
     with torch.no_grad():
-        result = spec.prune(weight, hessian, sparsity, settings, ordering)
+        try:
+            result = spec.prune(weight, hessian, sparsity, settings, ordering)
+        except NaNScoresError as exc:
+            raise ValueError(f"{what}: {exc} (method {method}, sparsity {sparsity})") from None
     if weight.is_cuda:
         torch.cuda.synchronize(weight.device)
     result.seconds = time.perf_counter() - started

@@ -58,6 +58,14 @@ def block_bounds(columns: int, width: int) -> list[tuple[int, int]]:
     return [(start, min(start + width, columns)) for start in range(0, columns, width)]
 
 
+class NaNScoresError(ValueError):
+    """The values to select from contain NaN: no mask is the right one. Callers that know
+    which Linear it is re-raise with its name."""
+
+    def __init__(self) -> None:
+        super().__init__("the pruning scores contain NaN, so no weights can be chosen to prune")
+
+
 def smallest_mask(values: torch.Tensor, count: int, dim: int | None = None) -> torch.Tensor:
     """Mask of the `count` smallest entries (of all, or of each slice along `dim`).
 
@@ -66,13 +74,16 @@ def smallest_mask(values: torch.Tensor, count: int, dim: int | None = None) -> t
     float32 slices on CPU, kthvalue otherwise), everything below it, then the
     first tied entries by a running count. Sorting whole blocks cost the ROSE
     ordering and the sweep's block masks more than the OBS updates.
+    Raises NaNScoresError when `values` contain NaN (NaN has no place in the order).
     """
+    if _flushing_denormals():
+        return _keeping_denormals(smallest_mask, values, count, dim)
     flat = values.reshape(-1) if dim is None else values.movedim(dim, -1)
     length = flat.shape[-1]
-    if count <= 0:
-        mask = torch.zeros_like(flat, dtype=torch.bool)
-    elif count >= length:
-        mask = torch.ones_like(flat, dtype=torch.bool)
+    if count <= 0 or count >= length:
+        _refuse_nan(flat)
+        fill = torch.zeros_like if count <= 0 else torch.ones_like
+        mask = fill(flat, dtype=torch.bool)
     else:
         mask = _radix_mask(flat, count) if _radix_applies(flat) else None
         if mask is None:
@@ -80,12 +91,47 @@ def smallest_mask(values: torch.Tensor, count: int, dim: int | None = None) -> t
     return mask.reshape(values.shape) if dim is None else mask.movedim(-1, dim)
 
 
+# torch.set_flush_denormal(True) sets the calling thread's flush-to-zero and
+# denormals-are-zero bits, not the intra-op worker threads': under it, comparisons
+# read denormals as zero in the slices this thread handles and by value in the
+# others (a radix threshold that is denormal even becomes 0.0 on its way through a
+# Python float), so a mask would depend on the thread count. The selections run
+# with it off and put it back: the same masks as without it.
+_DENORMAL, _ONE = 5e-324, 1.0  # module globals, so the product is not folded at compile time
+
+
+def _flushing_denormals() -> bool:
+    """Whether flush-denormal is on for this thread (torch has no getter): the smallest
+    denormal does not survive a multiplication by one. CPython's float arithmetic runs
+    under the same floating-point control bits as torch's CPU kernels on this thread."""
+    return _DENORMAL * _ONE == 0.0
+
+
+def _keeping_denormals(select, *args):
+    torch.set_flush_denormal(False)
+    try:
+        return select(*args)
+    finally:
+        torch.set_flush_denormal(True)
+
+
+def _refuse_nan(values: torch.Tensor) -> None:
+    if bool(torch.isnan(values).any()):
+        raise NaNScoresError()
+
+
 def _kthvalue_mask(flat: torch.Tensor, count: int) -> torch.Tensor:
     threshold = torch.kthvalue(flat, count, dim=-1, keepdim=True).values
     below = flat < threshold
     ties = flat == threshold
     need = count - below.sum(dim=-1, keepdim=True)
-    if bool((ties.sum(dim=-1, keepdim=True) == need).all()):
+    # one host sync for both questions: any NaN (compares false to everything), all ties needed
+    has_nan, all_ties_needed = torch.stack(
+        [torch.isnan(flat).any(), (ties.sum(dim=-1, keepdim=True) == need).all()]
+    ).tolist()
+    if has_nan:
+        raise NaNScoresError()
+    if all_ties_needed:
         return below | ties  # every tie is needed (the usual case): no running count
     return _first_ties(below, ties, need)
 
@@ -113,7 +159,8 @@ def _radix_applies(flat: torch.Tensor) -> bool:
 
 
 def _radix_mask(flat: torch.Tensor, count: int) -> torch.Tensor | None:
-    """smallest_mask for float32 slices on CPU; None when a value is negative."""
+    """smallest_mask for float32 slices on CPU; None when a value is negative (or a NaN
+    carries the sign bit: kthvalue's path refuses it)."""
     rows = flat.reshape(-1, flat.shape[-1]).contiguous()
     selections = [_radix_select(row, count) for row in rows]
     if any(selection is None for selection in selections):
@@ -147,6 +194,9 @@ def _radix_select(row: torch.Tensor, count: int) -> _Selection | None:
     histogram = torch.bincount(high, minlength=1 << 16)
     if bool(histogram[1 << 15 :].any()):
         return None
+    # NaN bit patterns sit above +inf's 0x7f800000: look for them only when that range is used
+    if bool(histogram[0x7F80:].any()) and bool(torch.isnan(row).any()):
+        raise NaNScoresError()
     high_cumulative = histogram.cumsum(0)
     high_bin = int(torch.searchsorted(high_cumulative, count))
     below = int(high_cumulative[high_bin - 1]) if high_bin else 0
@@ -163,10 +213,14 @@ def _radix_select(row: torch.Tensor, count: int) -> _Selection | None:
 
 
 def smallest_per_row_groups(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Mask of the n smallest entries per row in every group of m columns."""
+    """Mask of the n smallest entries per row in every group of m columns; NaNScoresError
+    when `values` contain NaN."""
+    if _flushing_denormals():
+        return _keeping_denormals(smallest_per_row_groups, values, n, m)
     rows, cols = values.shape
     groups = values.reshape(rows, cols // m, m)
     if m <= _PAIRWISE_MAX_GROUP and groups.numel() >= _PAIRWISE_MIN_ENTRIES:
+        _refuse_nan(groups)  # NaN compares false both ways: the ranks would not be a permutation
         return (_pairwise_rank(groups) < n).reshape(rows, cols)
     return smallest_mask(groups, n, dim=-1).reshape(rows, cols)
 

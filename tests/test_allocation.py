@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -468,3 +469,150 @@ def test_owl_on_mixture_of_experts_counts_every_expert_matrix(
             assert entry["sparsity"] == pytest.approx(
                 rows * prune_count(cols, fraction) / (rows * cols), abs=1e-6
             )
+
+
+def _unreachable_expert(model_dir: Path, expert: int = 3) -> None:
+    """Layer 0's router row of `expert` := the mean of experts 0 and 1's: with top-1 routing its
+    logit never exceeds both of theirs, so no token is routed to it."""
+    from safetensors.torch import save_file
+
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    name = "model.layers.0.block_sparse_moe.gate.weight"
+    router = tensors[name].clone()
+    router[expert] = (router[0] + router[1]) / 2
+    tensors[name] = router
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _routed_norms_by_hand(model_dir: Path, tokens: torch.Tensor, calibrate_all: bool = False):
+    """Layer 0's input-column norms per unit, from the full transformers model: the inputs of
+    its attention Linears (every token), and each expert's gate/up and down inputs recomputed
+    from the MoE block's input and the router's top-k, routed tokens only (or every token).
+    Root mean square over the tokens (zero for none). Nothing of rose's hooks or routing."""
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import ACT2FN
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    config = model.config
+    layer = model.model.layers[0]
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        layer.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args, name=name: seen.setdefault(name, args[0].detach())
+        )
+        for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp")
+    ]
+    with torch.no_grad():
+        model(tokens)
+    for hook in hooks:
+        hook.remove()
+
+    def rms(x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, x.shape[-1]).double()
+        return (x * x).sum(0).div(max(x.shape[0], 1)).sqrt()
+
+    norms = {name: rms(seen[name]) for name in ("self_attn.q_proj", "self_attn.o_proj")}
+    x = seen["mlp"].reshape(-1, config.hidden_size).double()
+    router = layer.mlp.gate.weight.detach().double()
+    logits = x @ router.T
+    k = config.num_experts_per_tok
+    ranked = logits.sort(dim=-1, descending=True).values
+    assert float((ranked[:, k - 1] - ranked[:, k]).min()) > 1e-6, "a near-tie: fragile routing"
+    chosen = logits.topk(k, dim=-1).indices
+    act = ACT2FN[config.hidden_act]
+    stacked = layer.mlp.experts
+    inter = stacked.gate_up_proj.shape[1] // 2
+    counts = []
+    for e in range(stacked.gate_up_proj.shape[0]):
+        routed = (chosen == e).any(dim=-1)
+        counts.append(int(routed.sum()))
+        xe = x if calibrate_all else x[routed]
+        gate_up = stacked.gate_up_proj[e].detach().double()
+        mid = act(xe @ gate_up[:inter].T) * (xe @ gate_up[inter:].T)
+        norms[f"expert {e} in"], norms[f"expert {e} mid"] = rms(xe), rms(mid)
+    return norms, counts, x.shape[0]
+
+
+@pytest.mark.parametrize("case", ["top-2", "unreachable expert"])
+def test_owl_expert_statistics_are_over_the_tokens_routed_to_the_expert(
+    tmp_path, tiny_text_file, monkeypatch, case
+):
+    """OWL's ||X_j|| is over the tokens a Linear sees: for a routed expert, the tokens its
+    router sends it, even with moe.calibrate_all_experts (the default, which only decides the
+    Hessians). The column norms the statistics pass measures equal a reference routed by hand
+    from the full model, not the all-token norms; an expert no token reaches has zero norms,
+    and the layer's density stays finite and is the definition's over those norms."""
+    import h5py
+    from tiny import make_tiny_model
+
+    from rose import checkpoint as ck
+    from rose import family
+    from rose.layout import RunLayout
+
+    model_dir = make_tiny_model(
+        tmp_path / "mixtral",
+        family="mixtral",
+        num_layers=1,
+        num_experts_per_tok=2 if case == "top-2" else 1,
+    )
+    if case == "unreachable expert":
+        _unreachable_expert(model_dir)
+    path = write_config(
+        tmp_path / "c.yaml",
+        model_dir,
+        tiny_text_file,
+        tmp_path / "results",
+        methods=["wanda"],
+        sparsities=[0.6],
+        allocation={"kind": "owl", "m": 5},
+        moe={"calibrate_all_experts": True},
+    )
+    cfg = rose_config.load(path)
+    for stage in ("prepare_model", "capture_calibration", "embed_calibration"):
+        graph.execute(cfg, stage)
+    measured = []
+    density = alloc.outlier_density
+
+    def recording(weights, columns, m):
+        measured.append((weights, columns))
+        return density(weights, columns, m)
+
+    monkeypatch.setattr(alloc, "outlier_density", recording)
+    graph.execute(cfg, "outliers", {"layer": "0"})
+    layout = RunLayout(cfg.run_dir)
+    record = json.loads(layout.outliers(0).read_text())
+    with h5py.File(layout.tokens, "r") as fh:
+        tokens = torch.from_numpy(fh["tokens"][()].astype(np.int64))
+    routed, counts, total = _routed_norms_by_hand(model_dir, tokens)
+    everything, _, _ = _routed_norms_by_hand(model_dir, tokens, calibrate_all=True)
+    assert sum(counts) == total * (2 if case == "top-2" else 1)
+    assert (counts[3] == 0) == (case == "unreachable expert")
+
+    checkpoint = ck.Checkpoint.open(model_dir)
+    units = family.layer_units(
+        checkpoint.config, 0, checkpoint.layer_names("model.layers.0."), False
+    )
+    weights, columns = measured[0]
+    assert len(columns) == len(units.names())
+    reference = []
+    for name, got in zip(units.names(), columns, strict=True):
+        unit = units.units[name]
+        if unit.expert is None:
+            key = "self_attn.o_proj" if name == "self_attn.o_proj" else "self_attn.q_proj"
+        else:
+            key = f"expert {unit.expert} {'mid' if unit.part == 'down' else 'in'}"
+        want = routed[key]
+        reference.append(want)
+        torch.testing.assert_close(
+            got.double(), want, rtol=1e-5, atol=1e-6 * float(want.abs().max() or 1.0), msg=name
+        )
+        if unit.expert is not None and counts[unit.expert] < total:
+            # the all-token norms the pass used before: measurably different
+            assert not torch.allclose(got.double(), everything[key], rtol=1e-3), name
+        if unit.expert is not None and counts[unit.expert] == 0:
+            assert torch.equal(got, torch.zeros_like(got)), name
+    expected = alloc.outlier_density(weights, reference, 5.0)
+    got = record["outlier_density"]["5"]
+    assert math.isfinite(got) and 0 < got < 1
+    assert got == pytest.approx(expected, abs=3 / record["parameters"])

@@ -417,3 +417,133 @@ def test_column_sums_from_64_row_partials(rows):
     bound = 64 * torch.finfo(torch.float32).eps / 2  # float32 summation of 64 non-negative terms
     torch.testing.assert_close(summed, exact, rtol=bound, atol=0)
     torch.testing.assert_close(_sum_rows(values[0], dim=0), exact[0], rtol=bound, atol=0)
+
+
+def _nan_cases():
+    """A NaN in each selection path: radix-eligible long float32 rows, kthvalue (short rows,
+    float64, a NaN with the sign bit that sends the radix path to kthvalue), and N:M groups
+    through kthvalue and through pairwise ranks."""
+    from rose import ordering
+
+    long = torch.rand(2, ordering.RADIX_MIN_LENGTH + 10)
+    long[1, 7] = float("nan")
+    negative_nan = long.clone()
+    negative_nan[1, 7] = -float("nan")
+    short = torch.rand(3, 100, dtype=torch.float64)
+    short[0, 99] = float("nan")
+    groups = torch.rand(8, 16)
+    groups[3, 5] = float("nan")
+    many_groups = torch.rand(512, 1024)
+    many_groups[100, 3] = float("nan")
+    return {
+        "radix": (lambda c: smallest_mask(long, c, dim=1), long.shape[1]),
+        "radix, whole tensor": (lambda c: smallest_mask(long, c), long.numel()),
+        "negative NaN": (lambda c: smallest_mask(negative_nan, c, dim=1), long.shape[1]),
+        "kthvalue": (lambda c: smallest_mask(short, c, dim=1), 100),
+        "N:M kthvalue": (lambda c: ordering.smallest_per_row_groups(groups, 2, 4), 4),
+        "N:M pairwise": (lambda c: ordering.smallest_per_row_groups(many_groups, 2, 4), 4),
+        "N:M 4:8 pairwise": (lambda c: ordering.smallest_per_row_groups(many_groups, 4, 8), 8),
+    }
+
+
+@pytest.mark.parametrize("path", list(_nan_cases()))
+def test_nan_among_scores_is_refused_by_every_selection(path):
+    """A NaN compares false to everything: before, a NaN count-th value gave an empty mask and
+    pairwise ranks an uneven one. Every path refuses it instead, whatever the count."""
+    from rose.ordering import NaNScoresError
+
+    select, length = _nan_cases()[path]
+    for count in (0, 1, length // 2, length - 1, length):
+        with pytest.raises(ValueError, match="scores contain NaN") as caught:
+            select(count)
+        assert caught.type is NaNScoresError, count
+
+
+def test_nan_scores_name_the_linear(monkeypatch):
+    """prune_weight says which Linear's scores held the NaN (its inputs were finite)."""
+    from rose import methods, ordering
+
+    W, H = make_problem(4, 64, seed=0)
+    for module in (methods, ordering):  # wanda's scores, and the ROSE pre-pruning's
+        monkeypatch.setattr(module, "scores", lambda w, h: torch.full(w.shape, float("nan")))
+    for method in ("wanda", "rose", "sparsegpt"):
+        with pytest.raises(
+            ValueError, match=r"^layer 2 mlp.up_proj: the pruning scores contain NaN"
+        ):
+            prune_weight(method, W, H, 0.5, F64, what="layer 2 mlp.up_proj")
+
+
+def test_infinities_are_not_nan():
+    """+inf bit patterns share the radix select's NaN bin range: they still select."""
+    from rose import ordering
+
+    values = torch.rand(2, ordering.RADIX_MIN_LENGTH + 10)
+    values[:, ::5] = float("inf")
+    assert ordering._radix_mask(values, 10) is not None
+    count = values.shape[1] - 3
+    assert torch.equal(smallest_mask(values, count, dim=1), _stable_first(values, count))
+
+
+def _flushing() -> bool:
+    """Whether torch flushes denormals on this thread: a denormal made from its bits is lost."""
+    denormal = torch.tensor([1], dtype=torch.int32).view(torch.float32)
+    return int((denormal * 1.0).view(torch.int32)) == 0
+
+
+@pytest.mark.parametrize("kind", ["ordinary", "denormals", "all denormal"])
+def test_masks_under_flush_denormal_are_the_stable_sort(kind):
+    """torch.set_flush_denormal(True) flushes on the calling thread only, so comparisons
+    (torch's own sort and kthvalue too) read denormals as zero in some slices and by value in
+    others, and the radix select's denormal threshold became 0.0: wrong masks, about half
+    the count. The selections run with it off and put it back, so every path (radix,
+    kthvalue, N:M kthvalue and pairwise) gives the stable sort's masks, as without the flag."""
+    from rose import ordering
+
+    g = torch.Generator().manual_seed(13)
+    length = ordering.RADIX_MIN_LENGTH + 1000
+    values = torch.rand(3, length, generator=g)
+    tiny = values * 1e-39  # made before the flag is set: real denormal bit patterns
+    if kind == "denormals":
+        values = torch.where(torch.rand(3, length, generator=g) < 0.6, tiny, values)
+    elif kind == "all denormal":
+        values = tiny
+    assert bool((values.view(torch.int32) < (1 << 23)).any()) == (kind != "ordinary")
+    short = values[:, :1000].double()  # the kthvalue path
+    groups = values[:, : 1 << 16].reshape(-1, 1024)  # 2**16 entries: the pairwise N:M path
+    counts = (1, length // 3, length // 2, length - 1)
+    expected = {  # a stable sort with the flag off: the values' own order
+        "radix": [_stable_first(values, c) for c in counts],
+        "kthvalue": [_stable_first(short, c) for c in counts if c < 1000],
+        "whole": _stable_first(values.reshape(1, -1), length).reshape(values.shape),
+        "N:M": {
+            (n, m, size): _stable_first(groups[:, :size].reshape(-1, m), n)
+            for n, m in [(2, 4), (1, 4), (4, 8)]
+            for size in (16, 1024)  # kthvalue (few groups) and pairwise ranks (many)
+        },
+    }
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        assert _flushing()
+        masks = {
+            "radix": [smallest_mask(values, c, dim=1) for c in counts],
+            "kthvalue": [smallest_mask(short, c, dim=1) for c in counts if c < 1000],
+            "whole": smallest_mask(values, length),
+            "N:M": {
+                (n, m, size): ordering.smallest_per_row_groups(groups[:, :size], n, m).reshape(
+                    -1, m
+                )
+                for n, m, size in expected["N:M"]
+            },
+        }
+        assert _flushing()  # put back after every selection
+    finally:
+        torch.set_flush_denormal(False)
+    assert not _flushing()
+    for mask, want, count in zip(masks["radix"], expected["radix"], counts, strict=True):
+        assert torch.equal(mask, want) and int(mask.sum()) == 3 * count, count
+    for mask, want in zip(masks["kthvalue"], expected["kthvalue"], strict=True):
+        assert torch.equal(mask, want)
+    assert torch.equal(masks["whole"], expected["whole"])
+    for key, want in expected["N:M"].items():
+        assert torch.equal(masks["N:M"][key], want), key

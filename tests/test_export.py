@@ -37,12 +37,13 @@ from pathlib import Path
 import pytest
 import torch
 from faults_utils import Hook, kill_tree, popen, wait_for
+from packaging.version import Version
 from pipeline_utils import REPO, write_config
 from safetensors import safe_open
 from tiny import make_tiny_model
 
-from rose import config as rose_config
 from rose import cli, export, model_card
+from rose import config as rose_config
 from rose.artifacts import ArtifactError
 from rose.checkpoint import Checkpoint
 from rose.layout import RunLayout
@@ -251,6 +252,29 @@ def test_compression_keeps_negative_zero_nan_and_short_groups():
         export.compress_weight(torch.tensor([[1.0, 2.0, 3.0, 0.0]]), export.SPARSE_24_BITMASK, "w")
 
 
+def _stack_without_sparse_compressors(transformers_version: str, ct_version: str) -> bool:
+    """transformers >= 5 with compressed-tensors >= 0.15, compared as versions (as strings,
+    "0.9" < "0.15" is False); a pre-release counts as its release (5.0.0rc1 as 5.0.0)."""
+    return Version(transformers_version).release >= (5,) and Version(ct_version).release >= (0, 15)
+
+
+@pytest.mark.parametrize(
+    "transformers_version, ct_version, expected",
+    [
+        ("5.24.0", "0.20.1", True),
+        ("5.0.0", "0.15.0", True),
+        ("5.0.0", "0.15", True),
+        ("5.0.0rc1", "0.15.0a20250101", True),  # pre-releases count as their release
+        ("5.0.0", "0.9.1", False),  # "0.9.1" < "0.15" is False as strings
+        ("5.0.0", "0.14.0", False),
+        ("4.57.1", "0.20.1", False),
+        ("10.0.0", "1.0.0", True),
+    ],
+)
+def test_the_stack_check_compares_versions_as_numbers(transformers_version, ct_version, expected):
+    assert _stack_without_sparse_compressors(transformers_version, ct_version) is expected
+
+
 @needs_ct
 def test_transformers_5_does_not_decompress_the_format(runs):
     """Why `rose.export.load_model` exists: compressed-tensors >= 0.15 dropped its sparse compressors,
@@ -260,7 +284,9 @@ def test_transformers_5_does_not_decompress_the_format(runs):
     import transformers
     from transformers import AutoModelForCausalLM
 
-    if int(transformers.__version__.split(".")[0]) < 5 or compressed_tensors.__version__ < "0.15":
+    if not _stack_without_sparse_compressors(
+        transformers.__version__, compressed_tensors.__version__
+    ):
         pytest.skip("an older stack: test_legacy_compressed_tensors_reads_the_export covers it")
     cfg = runs["float32"]
     out, _ = _export(cfg, "magnitude-0.5", "compressed")

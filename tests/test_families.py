@@ -61,6 +61,8 @@ CASES = {
         ),
     ),
     "mistral-window": ("mistral", dict(sliding_window=8)),
+    # transformers' Llama ignores a sliding_window key: every layer is causal
+    "llama-window": ("llama", dict(sliding_window=8)),
     # layers >= max_window_layers slide: one full layer, then sliding ones
     "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
 }
@@ -196,6 +198,53 @@ def test_sliding_layers_get_their_window_and_full_layers_a_causal_mask(tiny_mode
         cos_sliding = family.attention_inputs(config, kinds.index(family.SLIDING), hidden)[2][0]
         cos_full = family.attention_inputs(config, kinds.index(family.FULL), hidden)[2][0]
         assert not torch.allclose(cos_sliding, cos_full)
+
+
+def test_a_llama_config_with_a_sliding_window_is_causal_as_in_transformers(
+    tiny_models, monkeypatch
+):
+    """LlamaAttention and LlamaModel ignore `sliding_window`: every layer is FULL, and the layer
+    chain is bit-identical to transformers' model, where a window of 8 (shorter than the 40
+    tokens) would change it, as the table gave such a layer before."""
+    import dataclasses
+
+    path = tiny_models("llama-window")
+    config = ck.Checkpoint.open(path).config
+    assert config.sliding_window == 8
+    fam = family.family_for(config)
+    assert [fam.attention_kind(config, i) for i in range(3)] == [family.FULL] * 3
+    tokens = _tokens()
+    ours = _layer_chain(path, tokens)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    states = _full_model_states(model, tokens)
+    for k in range(1, len(ours) - 1):  # every layer's output, as the next layer's input
+        assert torch.equal(ours[k], states[k]), f"output of layer {k - 1}"
+    with torch.no_grad():
+        assert torch.equal(model.model.norm(ours[-1]), states[-1])
+    windowed = dataclasses.replace(fam, ignores_sliding_window=False)
+    monkeypatch.setitem(family.FAMILIES, "llama", windowed)
+    assert windowed.attention_kind(config, 0) == family.SLIDING
+    assert not torch.allclose(_layer_chain(path, tokens)[-1], ours[-1])
+
+
+def test_a_window_transformers_cannot_build_is_refused(tiny_models):
+    """A layer_types entry without a usable window, or no entry for a layer: one line naming the
+    family, the layer and the config key."""
+    config = ck.Checkpoint.open(tiny_models("qwen2")).config
+    config.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    config.sliding_window = None  # Qwen2Config sets it so without use_sliding_window
+    with pytest.raises(
+        ValueError, match=r"^qwen2 layer 1: a sliding_attention layer needs config.sliding_window"
+    ):
+        family.check_model(config)
+    config.sliding_window = 0  # Qwen2-MoE's value without use_sliding_window
+    with pytest.raises(ValueError, match=r"needs config.sliding_window .*got 0"):
+        family.attention_inputs(config, 1, torch.zeros(1, 4, config.hidden_size))
+    config.sliding_window = 8
+    assert family.check_model(config).name == "qwen2"
+    config.layer_types = ["full_attention"]
+    with pytest.raises(ValueError, match=r"^qwen2 layer 1: config.layer_types does not name"):
+        family.check_model(config)
 
 
 @pytest.mark.parametrize("case", ["llama3", "gemma2", "gemma3", "phi3"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import h5py
 import numpy as np
 import pytest
@@ -113,3 +115,21 @@ def test_order_records_diagnostics_per_linear(wanda_zero):
             assert group["loss_map"].shape[1] == -(-cols // 128)
     info = ModelInfo.load(layout.model_json)
     assert info.num_layers == 3 and info.hidden_size == 200 and info.parameters > 0
+
+
+def test_order_stage_names_the_linear_whose_scores_hold_nan(wanda_zero, tmp_path, monkeypatch):
+    """The order stage reads weights it does not validate: a NaN score is refused with the
+    layer and the Linear it came from, and no order.h5 is written."""
+    from rose import ordering
+    from rose.plan import Plan
+    from rose.stages.layer import compute_order
+
+    cfg, layout = wanda_zero
+    monkeypatch.setattr(ordering, "scores", lambda w, h: torch.full(w.shape, float("nan")))
+    out = tmp_path / "order.h5"
+    ctx = Plan(cfg, ModelInfo.load(layout.model_json)).context("order", variant="rose-0", layer=1)
+    with pytest.raises(
+        ValueError, match=r"^layer 1 self_attn\.\w+: the pruning scores contain NaN"
+    ):
+        compute_order(dataclasses.replace(ctx, outputs={"order": out}))
+    assert not out.exists()

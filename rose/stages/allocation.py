@@ -3,7 +3,11 @@
 `outlier_statistics` runs one dense decoder layer on the dense calibration inputs
 (the embeddings for layer 0, the dense layer before's outputs after that), with
 the hooks the Hessian stage uses, but collecting only each input column's norm:
-enough for the Wanda score |W_ij| * ||X_j|| that OWL counts outliers of. It
+enough for the Wanda score |W_ij| * ||X_j|| that OWL counts outliers of. A
+routed expert's norms are over the tokens its router sends it, whatever
+`moe.calibrate_all_experts` says (that setting is for the Hessians): OWL's X is
+what the Linear sees. An expert no calibration token reaches has zero norms, so
+its weights count in the layer's density as non-outliers (zero scores). It
 writes the layer's outlier densities and its outputs (the next layer's dense
 inputs). `allocate` turns every layer's densities into per-layer sparsities for
 one target and writes allocation.json; the order and prune stages of every
@@ -70,7 +74,8 @@ def outlier_statistics(ctx: StageContext) -> dict[str, Any]:
             list(range(units.num_experts)),
             f"layer {layer} outlier statistics",
             make_accumulator=ColumnNorms,
-            all_tokens=cfg.moe.calibrate_all_experts,
+            # the tokens each expert computes, not every token (calibrate_all_experts is for H)
+            all_tokens=False,
             on_output=write,
         )
         del dense

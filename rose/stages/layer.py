@@ -42,7 +42,7 @@ from rose.handoff import Handoff
 from rose.hessian import HessianWriter
 from rose.layout import DENSE
 from rose.methods import prune_weight, reconstruction_error
-from rose.ordering import Ordering, rose_order
+from rose.ordering import NaNScoresError, Ordering, rose_order
 from rose.provenance import (
     allocation_provenance,
     hessians_provenance,
@@ -253,15 +253,18 @@ def compute_order(ctx: StageContext) -> None:
         for name in units.names():
             weight = read_unit(ctx.checkpoint, prefix, units.units[name]).to(ctx.device)
             hessian = hessians.get(units.group_of(name))
-            order = rose_order(
-                weight,
-                hessian,
-                sparsity,
-                cfg.prune.blocksize,
-                cfg.prune.threshold,
-                reorder,
-                with_loss_map=True,  # one would-be-pruned selection for the order and the heatmap
-            )
+            try:
+                order = rose_order(
+                    weight,
+                    hessian,
+                    sparsity,
+                    cfg.prune.blocksize,
+                    cfg.prune.threshold,
+                    reorder,
+                    with_loss_map=True,  # one would-be-pruned selection for the order and the heatmap
+                )
+            except NaNScoresError as exc:
+                raise ValueError(f"layer {layer} {name}: {exc} (ROSE ordering)") from None
             datasets[f"{name}/permutation"] = order.permutation
             datasets[f"{name}/block_widths"] = torch.tensor(order.block_widths, dtype=torch.int64)
             datasets[f"{name}/block_loss"] = order.block_loss
