@@ -15,6 +15,7 @@ import torch
 
 import rose
 from rose.allocation import OWL
+from rose.family import FAMILIES
 from rose.artifacts import ArtifactError, atomic_write_json, config_hash, read_json
 
 if TYPE_CHECKING:
@@ -134,12 +135,20 @@ def dense_inputs_provenance(cfg: RunConfig, info: ModelInfo, layer: int) -> dict
     return {**calibration_provenance(cfg, info, "dense-inputs"), "layer": layer}
 
 
+def _statistics_settings(cfg: RunConfig, info: ModelInfo) -> dict[str, Any]:
+    """What decides OWL's statistics of this model. A routed expert's come from the tokens its
+    router sends it: statistics of mixture-of-experts models made before that (from every
+    token) are refused, those of dense models keep their provenance."""
+    settings = dense_statistics_settings(cfg)
+    fam = FAMILIES.get(info.model_type)
+    if fam is not None and fam.experts is not None:
+        settings["expert_tokens"] = "routed"
+    return settings
+
+
 def outliers_provenance(cfg: RunConfig, info: ModelInfo, layer: int) -> dict[str, Any]:
     return _provenance(
-        info,
-        "outliers",
-        layer=layer,
-        config_hash=config_hash(dense_statistics_settings(cfg)),
+        info, "outliers", layer=layer, config_hash=config_hash(_statistics_settings(cfg, info))
     )
 
 
@@ -151,7 +160,7 @@ def allocation_provenance(cfg: RunConfig, info: ModelInfo, variant: Variant) -> 
         "layers": info.prune_layers,
     }
     if variant.allocation.kind == OWL:
-        decided_by["statistics"] = dense_statistics_settings(cfg)
+        decided_by["statistics"] = _statistics_settings(cfg, info)
     return _provenance(
         info, "allocation", target=variant.target, config_hash=config_hash(decided_by)
     )
