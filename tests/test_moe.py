@@ -429,7 +429,7 @@ def test_expert_passes_for_mixtral_8x7b_and_qwen3_30b_a3b():
         passes = layer_stages._expert_passes(units, widths, budget)
         assert all(len(p) == 3 for p in passes[:-1]) and sum(passes, []) == list(range(experts))
         assert layer_stages._expert_passes(units, widths, 0) == [[e] for e in range(experts)]
-    # the sizes the README quotes: float32 Hessians of one layer
+    # the sizes docs/families.md quotes: float32 Hessians of one layer
     assert round(8 * expert_hessian_bytes(4096, 14336) / gib, 2) == 6.62
     assert round(128 * expert_hessian_bytes(2048, 768) / gib, 2) == 2.28
 
@@ -570,7 +570,8 @@ def test_moe_kill_and_resume_is_bit_identical(moe_run, tmp_path, tiny_text_file)
     killed = kill_when(snakemake_cmd(config, tmp_path, target), lambda: pruned_count(run_dir) >= 1)
     assert killed, "snakemake finished before it could be killed"
     assert pruned_count(run_dir) >= 1 and not (run_dir / "rose-0.5" / "model").exists()
-    run_snakemake(config, tmp_path, "--unlock")  # the killed controller's lock, as the README says
+    # the killed controller's lock, as docs/cluster.md says
+    run_snakemake(config, tmp_path, "--unlock")
     run_snakemake(config, tmp_path, target)
     assert weights_digest(run_dir, "rose-0.5") == weights_digest(clean.run_dir, "rose-0.5")
 
@@ -654,7 +655,8 @@ def test_moe_settings_default_and_schema(tmp_path, tiny_text_file):
 
 
 def test_readme_names_the_moe_families():
-    text = (REPO / "README.md").read_text()
+    """The manual's families page (docs/families.md, moved out of README.md) names them."""
+    text = (REPO / "docs" / "families.md").read_text()
     for name in ("`mixtral`", "`qwen2_moe`", "`qwen3_moe`", "calibrate_all_experts"):
         assert name in text
 
@@ -701,8 +703,8 @@ def test_model_json_sizes_moe_layers_for_the_cluster_estimates(
 
 
 def test_readme_moe_slurm_requests_are_the_estimate():
-    """The README's MoE request figures (128 x 2048 tokens, a GPU) are what rose.resources gives
-    with the sizes prepare_model records: update the README with the estimator."""
+    """docs/families.md's MoE request figures (128 x 2048 tokens, a GPU) are what rose.resources
+    gives with the sizes prepare_model records: update docs/families.md with the estimator."""
     from rose import resources
     from rose.stages.model import moe_sizes
 
