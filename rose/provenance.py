@@ -15,8 +15,8 @@ import torch
 
 import rose
 from rose.allocation import OWL
-from rose.family import FAMILIES
 from rose.artifacts import ArtifactError, atomic_write_json, config_hash, read_json
+from rose.family import FAMILIES
 
 if TYPE_CHECKING:
     from rose.config import RunConfig, Variant

@@ -17,6 +17,7 @@ saying where, so a test can tell a kill that landed from one that did not.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -282,6 +283,13 @@ def patch_everywhere(monkeypatch, module: str, name: str, replacement: Any) -> i
             if value is original:
                 monkeypatch.setattr(mod, attr, replacement)
                 places += 1
+    # a stage's record holds its function: the record runs the replacement too
+    from rose.stages import STAGES
+
+    for stage, record in list(STAGES.items()):
+        if record.run is original:
+            monkeypatch.setitem(STAGES, stage, dataclasses.replace(record, run=replacement))
+            places += 1
     assert places, f"{module}.{name} is not used anywhere"
     return places
 

@@ -104,6 +104,15 @@ def weights_digest(run_dir: Path, variant: str) -> dict[str, str]:
     return out
 
 
+def model_tensors(model_dir: Path) -> dict:
+    """Every tensor of a model directory, whatever its shards (a reassembled model's are its
+    pruned-layer files plus the rest, through its index)."""
+    from rose.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint.open(model_dir)
+    return {name: checkpoint.read(name) for name in checkpoint.names()}
+
+
 def pruned_count(run_dir: Path) -> int:
     return len(list(Path(run_dir).rglob("pruned.safetensors")))
 

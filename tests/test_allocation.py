@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pipeline_utils import weights_digest, write_config
+from pipeline_utils import model_tensors, weights_digest, write_config
 from safetensors.torch import load_file
 
 from rose import allocation as alloc
@@ -252,7 +252,7 @@ def test_owl_run_prunes_each_layer_to_exactly_its_allocated_sparsity(owl_run):
         plain_owl(densities, [e["parameters"] for e in record["layers"]], 0.7, 0.1)
     )
     for method in ("rose", "sparsegpt", "wanda", "magnitude"):
-        model = load_file(run_dir / f"{method}-owl-0.7" / "model" / "model.safetensors")
+        model = model_tensors(run_dir / f"{method}-owl-0.7" / "model")
         manifest = json.loads(
             (run_dir / f"{method}-owl-0.7" / "model" / "pruning.json").read_text()
         )

@@ -42,6 +42,7 @@ from pipeline_utils import REPO, write_config
 from safetensors import safe_open
 from tiny import make_tiny_model
 
+from rose import checkpoint as ck
 from rose import cli, export, model_card
 from rose import config as rose_config
 from rose.artifacts import ArtifactError
@@ -182,7 +183,9 @@ def test_round_trip_is_bit_identical_and_smaller(runs, dtype, variant):
     # sizes: the file sizes, and the format's own arithmetic for the pruned Linears
     sizes = record["sizes"]
     weights = sum(p.stat().st_size for p in packed_dir.glob("*.safetensors"))
-    dense_weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    dense_weights = sum(  # shards and index: the pruned-layer files linked in, and the rest
+        p.stat().st_size for p in [*model_dir.glob("*.safetensors"), model_dir / ck.INDEX]
+    )
     assert sizes["weights_bytes"] == weights and sizes["dense_weights_bytes"] == dense_weights
     assert sizes["ratio"] == pytest.approx(weights / dense_weights)
     assert sizes["linear_stored_bytes"] == sum(
@@ -308,7 +311,9 @@ for packed, dense_dir in json.loads(sys.argv[1]):
     quant = json.load(open(packed + "/config.json"))["quantization_config"]["sparsity_config"]
     dtype = json.load(open(dense_dir + "/config.json")).get("torch_dtype") or json.load(open(dense_dir + "/config.json")).get("dtype")
     key = "dtype" if tuple(map(int, transformers.__version__.split(".")[:2])) >= (4, 56) else "torch_dtype"
-    dense = load_file(dense_dir + "/model.safetensors")
+    dense = {}
+    for shard in sorted(__import__("glob").glob(dense_dir + "/*.safetensors")):
+        dense.update(load_file(shard))
     ours = load_file(packed + "/model.safetensors")
     config = SparsityCompressionConfig.load_from_registry(quant["format"], **quant)
     theirs = BaseCompressor.load_from_registry(quant["format"], config=config).compress(
@@ -814,12 +819,13 @@ def test_corrupt_export_is_detected(runs, tmp_path):
     out, _ = _export(cfg, "magnitude-0.5", "dense")
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    (copy / "model.safetensors").unlink()
-    shutil.copy(out / "model.safetensors", copy / "model.safetensors")  # unlink the hard link first
-    data = bytearray((copy / "model.safetensors").read_bytes())
+    shard = sorted(copy.glob("model-layer-*.safetensors"))[0]  # a pruned layer's, linked in
+    shard.unlink()
+    shutil.copy(out / shard.name, shard)  # unlink the hard link first
+    data = bytearray(shard.read_bytes())
     data[-3] ^= 0x5A
-    (copy / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="model.safetensors: checksum mismatch"):
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=f"{shard.name}: checksum mismatch"):
         export.verify_export(copy)
     assert cli.main(["export", "verify", str(out)]) == 0
 

@@ -145,7 +145,8 @@ def test_rose_equals_sparsegpt_where_no_layer_is_reordered(workflow_run):
         if layer == 0:  # same inputs, so untouched Linears must match bit for bit
             for name, entry in stats.items():
                 if not entry["reordered"]:
-                    assert torch.equal(rose_w[name + ".weight"], sgpt_w[name + ".weight"]), name
+                    key = f"model.layers.{layer}.{name}.weight"
+                    assert torch.equal(rose_w[key], sgpt_w[key]), name
 
 
 @pytest.mark.parametrize("kill_after", [0, 2, 4])
