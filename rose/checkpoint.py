@@ -175,7 +175,7 @@ def is_shard(file: Path) -> bool:
     return metadata.get("format") == "pt"
 
 
-def _tensor_meta(file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+def tensor_meta(file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Name -> (dtype, shape) of a safetensors file's tensors, from its header."""
     by_code = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
     return {
@@ -259,7 +259,7 @@ def save_sharded(
         total = sum(spec.nbytes for spec in specs) + sum(
             TensorSpec(n, dtype, shape).nbytes
             for file in sorted(set(beside.values()))
-            for n, (dtype, shape) in _tensor_meta(out_dir / file).items()
+            for n, (dtype, shape) in tensor_meta(out_dir / file).items()
             if n in beside
         )
         atomic_write_json(

@@ -172,12 +172,6 @@ class Plan:
             for path in self.outputs(stage, {k: str(v) for k, v in w.items()}).values()
         ]
 
-    def evaluation_outputs(self) -> list[Path]:
-        return self.outputs_of("evaluate_perplexity", "evaluate_zero_shot")
-
-    def export_outputs(self) -> list[Path]:
-        return self.outputs_of("export")
-
     @staticmethod
     def _phases(evaluate: bool, report: bool) -> set[str]:
         return {PRUNE} | ({EVALUATE} if evaluate else set()) | ({REPORT} if report else set())

@@ -34,11 +34,9 @@ plus disk I/O: an order of magnitude, not a promise.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,8 +71,8 @@ from rose.stages import STAGES
 log = logging.getLogger("rose")
 
 FORCE_ENV = "ROSE_FORCE"
-_SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
 _LOG = 8 * 1024  # one Snakemake job log (the runner writes none)
+HESSIANS = "Hessians"  # the disk category of a layer's Hessians (stage records' `disk`)
 # Host memory of the interpreter with torch, transformers and lm-eval imported (measured:
 # 0.6 GB on CPU), and with a CUDA context; each stage's own peak (rose.resources) comes on top.
 _INTERPRETER = {"cpu": 1.0e9, "cuda": 3.0e9}
@@ -112,15 +110,12 @@ def _safetensors_dtype(path: Path) -> str | None:
     """The dtype of the first layer weight in a safetensors dir, from one shard header."""
     for shard in sorted(path.glob("*.safetensors")):
         try:
-            with shard.open("rb") as fh:
-                (length,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(min(length, 100 * 1024**2)))
-        except (OSError, ValueError, struct.error):
+            meta = ckpt.tensor_meta(shard)
+        except (ckpt.ModelSourceError, KeyError):
             continue
-        header.pop("__metadata__", None)
-        for name, meta in sorted(header.items(), key=lambda kv: ".layers." not in kv[0]):
+        for name, (dtype, _) in sorted(meta.items(), key=lambda kv: ".layers." not in kv[0]):
             if name.endswith(".weight"):
-                return _SAFETENSORS_DTYPES.get(meta.get("dtype"))
+                return _dtype_name(dtype)
     return None
 
 
@@ -537,7 +532,12 @@ def predict(
                 f"{row.stage} needs about {human(row.gpu)} of GPU memory, more than this GPU's "
                 f"{human(device_memory)}"
             )
-    hessian_steps = [s for s in steps if "hessians" in s.outputs and s.temporary]
+    hessians = [  # one layer's Hessians, as the disk breakdown calls them
+        sizes[path]
+        for s in steps
+        for name, path in s.outputs.items()
+        if s.record.disk.get(name) == HESSIANS
+    ]
     return Prediction(
         cfg=cfg,
         source=source,
@@ -552,7 +552,7 @@ def predict(
         snakemake=snakemake if snakemake.total >= runner.total else runner,
         variants_with_inputs=sum(1 for v in cfg.variants if v.needs_hessian),
         layer_inputs=sizer.inputs,
-        hessians=max((sizes[s.outputs["hessians"]] for s in hessian_steps), default=0.0),
+        hessians=max(hessians, default=0.0),
         pruned_layer=float(largest.parameters * sizer.dbytes),
         notes=notes,
     )

@@ -62,8 +62,8 @@ MEM_SAFETY = 1.3
 # MB: interpreter, torch, CUDA context
 BASE_MEM: Mapping[str, int] = MappingProxyType({"gpu": 6 * 1024, "cpu": 3 * 1024})
 
-# Older spelling kept working: both evaluation rules size alike.
-_ALIASES = MappingProxyType({"evaluate": "evaluate_perplexity"})
+# Other names of stages (older spellings) that a `resources:` section may use.
+_ALIASES = MappingProxyType({a: n for n, r in RECORDS.items() for a in r.aliases})
 
 
 def _settings(cfg: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -125,3 +125,33 @@ def test_a_cycle_closed_by_a_lazy_import_is_found_and_type_checking_imports_are_
     assert graph["pkg.b"] == {"pkg.sub", "pkg.sub.c"} and graph["pkg.d"] == set()
     assert graph["pkg.e"] == {"pkg.d"}
     assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.sub.c"]]
+
+
+# the modules that combine stage records: they must not know any stage by name
+GENERIC = ("plan.py", "runner.py", "resources.py", "preflight.py")
+ALIASES = {"evaluate"}  # resources: an older spelling of a `resources:` config key
+
+
+def stage_names_in(path: Path, stages: set[str]) -> list[str]:
+    """String constants of a module that name a stage."""
+    return sorted(
+        node.value
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value in stages
+    )
+
+
+def test_scheduling_drivers_and_estimators_switch_on_no_stage_name():
+    """Each stage is described by its record beside its function; plan, runner, resources and
+    pre-flight only read records (the rules name their own stage)."""
+    from rose.stages import STAGES
+
+    stages = set(STAGES) - ALIASES
+    found = {name: stage_names_in(ROSE / name, stages) for name in GENERIC}
+    assert found == {name: [] for name in GENERIC}
+
+
+def test_the_stage_name_check_sees_a_stage_name(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text('def f(stage):\n    return stage == "prune"\n')
+    assert stage_names_in(module, {"prune", "order"}) == ["prune"]

@@ -74,6 +74,35 @@ def test_jobs_run_as_threads_hand_artifacts_over_in_memory(workflow_run):
         assert f"rose-0.5/{artifact}: taken from memory" in text, (job, text[-2000:])
 
 
+def test_reassembled_layer_shards_are_the_pruned_layer_files(workflow_run):
+    """A variant's pruned Linears are stored once: each pruned-layer file is hard-linked into the
+    reassembled model as its shard of that layer, the index names every tensor's file, and
+    transformers loads the directory (no model.safetensors, which it would load alone)."""
+    run_dir, _ = workflow_run
+    for variant in ("rose-0.5", "magnitude-2of4"):
+        model = run_dir / variant / "model"
+        manifest = json.loads((model / "pruning.json").read_text())
+        index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+        assert not (model / "model.safetensors").exists()
+        for layer in range(3):
+            pruned = run_dir / variant / f"layer_{layer}" / "pruned.safetensors"
+            shard = model / f"model-layer-{layer:05d}.safetensors"
+            assert (shard.stat().st_dev, shard.stat().st_ino) == (
+                pruned.stat().st_dev,
+                pruned.stat().st_ino,
+            )
+            assert manifest["layer_shards"][shard.name] == "hard link"
+            assert {n for n, f in index.items() if f == shard.name} == set(load_file(pruned))
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        state = loaded.state_dict()
+        assert set(index) <= set(state) | {"lm_head.weight"}
+        for layer in range(3):
+            for name, tensor in load_file(
+                run_dir / variant / f"layer_{layer}" / "pruned.safetensors"
+            ).items():
+                assert torch.equal(state[name], tensor), name
+
+
 def test_intermediates_are_removed_by_default(workflow_run):
     run_dir, _ = workflow_run
     assert not list(run_dir.rglob("hessians.h5"))

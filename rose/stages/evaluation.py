@@ -108,11 +108,19 @@ def _evaluation_estimate(tokens: str):
     return estimate
 
 
+EVALUATIONS = ("evaluate_perplexity", "evaluate_zero_shot")
+
+
+def evaluation_outputs(plan) -> list[Path]:
+    """Every evaluation result of the run (perplexities, then zero-shot), every model's."""
+    return plan.outputs_of(*EVALUATIONS)
+
+
 def _report_inputs(plan, w) -> dict:
     return {
         "models": [plan.layout.model_dir(v) for v in plan.variants],
-        "evals": plan.evaluation_outputs(),
-        "exports": plan.export_outputs(),
+        "evals": evaluation_outputs(plan),
+        "exports": plan.outputs_of("export"),
     }
 
 
@@ -129,6 +137,7 @@ STAGES = (
         phase=EVALUATE,
         final=True,
         label=lambda w: f"perplexity-{w['metric']}",
+        aliases=("evaluate",),  # its older name, still accepted under `resources:`
         gpu_memory=lambda g: g.evaluation(zero_shot=False),
         writes=lambda s, name, w: float(EVAL_JSON),
     ),

@@ -13,6 +13,7 @@ from rose.checkpoint import SHARD_BYTES
 from rose.export import ExportRequest, check_formats, export_directory
 from rose.layout import DENSE
 from rose.provenance import variant_settings
+from rose.stages.evaluation import evaluation_outputs
 from rose.stages.spec import EVALUATE, Stage, StageContext
 
 
@@ -38,7 +39,7 @@ def _inputs(plan, w) -> dict:
     return {
         "model_dir": plan.layout.model_dir(variant),
         # the model card quotes every evaluation of the variant and of dense
-        "evals": [p for p in plan.evaluation_outputs() if p.parent.parent.name in (variant, DENSE)],
+        "evals": [p for p in evaluation_outputs(plan) if p.parent.parent.name in (variant, DENSE)],
     }
 
 

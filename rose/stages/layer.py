@@ -558,7 +558,7 @@ def _hessians_gpu(g) -> float:
     return g.weights + g.acts + g.hess + g.batch_tokens * g.widest_in * 4
 
 
-HESSIANS_DISK = {"hessians": "Hessians"}
+HESSIANS_DISK = {"hessians": "Hessians"}  # the category rose.preflight reports its size by
 
 STAGES = (
     # Layer 0's Hessians: the dense layer on the shared embeddings, the same for every variant.

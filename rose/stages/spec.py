@@ -84,6 +84,7 @@ class Stage:
     final: bool = False  # its outputs are results of the run (what `rule all` asks for)
     always: bool = False  # rerun by the runner every time (it reads every result there is)
     label: Callable[[Wildcards], str] | None = None  # in timings, when not the stage's name
+    aliases: tuple[str, ...] = ()  # other names of it in a config's `resources:` section
     threads: int = 4  # per job, on a GPU machine (CPU-only runs give tensor stages more)
     gpu_memory: Callable[[GpuFigures], float] = _no_gpu  # bytes torch allocates per job
     writes: Callable[[DiskSizer, str, Wildcards], float] = _one_block  # bytes of an output
