@@ -272,7 +272,7 @@ def validate(raw: dict[str, Any]) -> None:
             try:
                 MethodName.parse(method)
             except ValueError as exc:  # say why (dense+admm), not only "is not one of"
-                raise ConfigError(f"config: methods.{index} = {exc}") from None
+                raise ConfigError(f"config: methods.{index} = {method!r}: {exc}") from None
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
     if errors:

@@ -211,8 +211,8 @@ class MethodName:
             return cls(name)
         if suffix and not rest and base in METHODS:
             why = "it prunes nothing" if base == "dense" else "it solves its weights already"
-            raise ValueError(f"{name!r}: {base} has no refit ({why})")
-        raise ValueError(f"unknown method {name!r} (choose from {', '.join(method_names())})")
+            raise ValueError(f"{base} has no refit ({why})")
+        raise ValueError(f"unknown method (choose from {', '.join(method_names())})")
 
     @property
     def method(self) -> Method:
@@ -254,7 +254,10 @@ def prune_weight(
     `ordering` (rose, sparsegpt) reuses a sweep order computed earlier, e.g. the
     pipeline's order stage; otherwise it is computed here.
     """
-    name = MethodName.parse(method)
+    try:
+        name = MethodName.parse(method)
+    except ValueError as exc:
+        raise ValueError(f"{what}: method {method!r}: {exc}") from None
     if not isinstance(sparsity, Sparsity):
         sparsity = Sparsity.parse(sparsity)
     settings = settings or PruneSettings()

@@ -139,3 +139,36 @@ def ref_magnitude(W, fraction=0.0, n=0, m=0):
     for f in k_smallest(flat, prune_count(len(flat), fraction)):
         out[divmod(f, cols)] = 0
     return out
+
+
+def ref_damped(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """H as the ADMM solver's objective uses it: a dead input's diagonal set to 1, then
+    percdamp x mean(diag) added to every diagonal entry."""
+    H = H.double().clone()
+    for j in range(H.shape[0]):
+        if H[j, j] == 0:
+            H[j, j] = 1.0
+    damp = percdamp * sum(float(H[j, j]) for j in range(H.shape[0])) / H.shape[0]
+    for j in range(H.shape[0]):
+        H[j, j] += damp
+    return H
+
+
+def ref_support_optimum(W: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor, percdamp=0.01):
+    """For a fixed mask, the optimum of tr((W - V) H (W - V)^T), row by row: on the row's kept
+    columns S, V_S solves H_SS V_S = (H w)_S; zero elsewhere."""
+    Hd = ref_damped(H, percdamp)
+    out = torch.zeros(W.shape, dtype=torch.float64)
+    for i in range(W.shape[0]):
+        kept = [j for j in range(W.shape[1]) if not bool(pruned[i, j])]
+        if not kept:
+            continue
+        rhs = (Hd @ W[i].double())[kept]
+        out[i, kept] = torch.linalg.solve(Hd[kept][:, kept], rhs)
+    return out
+
+
+def ref_objective(W: torch.Tensor, V: torch.Tensor, H: torch.Tensor, percdamp=0.01) -> float:
+    """tr((W - V) Hd (W - V)^T) with the damped H."""
+    D = V.double() - W.double()
+    return float((D @ ref_damped(H, percdamp) * D).sum())
