@@ -39,16 +39,14 @@ class AdmmSettings:
     """The `prune.admm:` section; defaults chosen by benchmarks/bench_solver.py (docs/methods.md)."""
 
     iterations: int = 20  # `admm`: mask-choosing iterations
-    ramp_iterations: int = (
-        15  # `admm` from dense: iterations over which sparsity reaches the target
-    )
-    refit_iterations: int = 2  # refit: fixed-mask ADMM iterations before the CG refit
+    ramp_iterations: int = 15  # `admm` from dense: iterations over which the target ramps up
+    refit_iterations: int = 0  # refits: fixed-mask ADMM iterations before the CG refit
     cg_iterations: int = 10  # conjugate-gradient iterations on the final support (both uses)
-    rho: float = 0.1  # first penalty, on the unit-diagonal H
+    rho: float = 0.03  # first penalty, on the unit-diagonal H
     rho_growth: float = 1.3  # penalty x this every `rho_every` iterations (ALPS's schedule)
     rho_every: int = 1
     rho_max: float = 1e4
-    start: str = "dense"  # `admm` only: dense | sparsegpt | rose
+    start: str = "sparsegpt"  # `admm` only: dense | sparsegpt | rose
 
     def __post_init__(self) -> None:
         for key in ("iterations", "rho_every"):
@@ -63,11 +61,6 @@ class AdmmSettings:
             raise ValueError(f"prune.admm.rho_growth must be >= 1, got {self.rho_growth}")
         if not self.rho_max >= self.rho:
             raise ValueError(f"prune.admm.rho_max must be >= rho, got {self.rho_max}")
-        if self.ramp_iterations > self.iterations:
-            raise ValueError(
-                f"prune.admm.ramp_iterations ({self.ramp_iterations}) must not exceed "
-                f"prune.admm.iterations ({self.iterations})"
-            )
         if self.start not in STARTS:
             raise ValueError(
                 f"prune.admm.start must be one of {', '.join(STARTS)}, got {self.start!r}"
@@ -238,11 +231,12 @@ def admm_prune(
     started = time.perf_counter()
     problem = _Problem(weight, hessian, percdamp)
     ramped = start is None and not sparsity.is_nm
+    ramp_length = min(s.ramp_iterations, s.iterations)  # the last iteration is at the target
 
     def choose(V: torch.Tensor, k: int) -> torch.Tensor:
         if sparsity.is_nm:
             return smallest_per_row_groups(V.abs(), sparsity.n, sparsity.m)
-        fraction = ramp(sparsity.fraction, k, s.ramp_iterations) if ramped else sparsity.fraction
+        fraction = ramp(sparsity.fraction, k, ramp_length) if ramped else sparsity.fraction
         return smallest_mask(V.abs(), prune_count(V.numel(), fraction))
 
     Z = problem.W0.clone() if start is None else start[0].to(torch.float32) * problem.d

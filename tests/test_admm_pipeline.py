@@ -33,7 +33,8 @@ VARIANTS = [
     "wanda+admm-owl-0.5",
     "admm-owl-0.5",
 ]
-SOLVER = {"iterations": 6, "ramp_iterations": 4, "cg_iterations": 5}
+# the admm method from its default start (sparsegpt); refits with ADMM iterations before CG
+SOLVER = {"iterations": 6, "refit_iterations": 2, "cg_iterations": 5}
 
 
 def _config(tmp, model, text):
@@ -84,8 +85,8 @@ def test_every_admm_variant_is_assembled_with_its_solver_recorded(clean):
                 assert entry["reconstruction_error"] <= entry["reconstruction_error_before"] * (
                     1 + 1e-6
                 )
-            else:  # from the dense weights: the objective starts at 0 and ends positive
-                assert solver["before"] == 0 < solver["after"]
+            else:  # from sparsegpt's solution: never above it
+                assert 0 < solver["after"] <= solver["before"]
                 assert solver["iterations"] == SOLVER["iterations"]
         stats = read_json(layout.stats(variant, 0))  # the layer's own record carries the same
         for name, entry in stats["linears"].items():
