@@ -75,15 +75,12 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_owl as owl  # noqa: E402
 from bench_owl import OURS, OWL, PEER, PEER_METHOD, UNIFORM  # noqa: E402
-
-if TYPE_CHECKING:
-    import torch
 
 REPO = owl.REPO
 BENCH = owl.BENCH
