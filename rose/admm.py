@@ -39,7 +39,9 @@ class AdmmSettings:
     """The `prune.admm:` section; defaults chosen by benchmarks/bench_solver.py (docs/methods.md)."""
 
     iterations: int = 20  # `admm`: mask-choosing iterations
-    ramp_iterations: int = 15  # `admm` from dense: iterations over which sparsity reaches the target
+    ramp_iterations: int = (
+        15  # `admm` from dense: iterations over which sparsity reaches the target
+    )
     refit_iterations: int = 2  # refit: fixed-mask ADMM iterations before the CG refit
     cg_iterations: int = 10  # conjugate-gradient iterations on the final support (both uses)
     rho: float = 0.1  # first penalty, on the unit-diagonal H
@@ -67,7 +69,9 @@ class AdmmSettings:
                 f"prune.admm.iterations ({self.iterations})"
             )
         if self.start not in STARTS:
-            raise ValueError(f"prune.admm.start must be one of {', '.join(STARTS)}, got {self.start!r}")
+            raise ValueError(
+                f"prune.admm.start must be one of {', '.join(STARTS)}, got {self.start!r}"
+            )
 
 
 @dataclass
@@ -260,3 +264,13 @@ def _seconds(started: float, weight: torch.Tensor) -> float:
     if weight.is_cuda:
         torch.cuda.synchronize(weight.device)
     return time.perf_counter() - started
+
+
+def solver_units(settings: AdmmSettings, refit: bool, start_sweeps: int = 0) -> float:
+    """The solve's work per Linear in units of the sweep's rows*cols^2 + cols^3 (`rose plan`,
+    the SLURM requests): each pass of a row block through Hn (W-step solve, CG step, the
+    objectives) is 2*rows*cols^2 FLOPs, each penalty's factorisation cols^3 / 3."""
+    iterations = settings.refit_iterations if refit else settings.iterations
+    passes = 1 + 2 + iterations + 1 + settings.cg_iterations  # B, objectives, W-steps, CG
+    factors = 0 if iterations == 0 else 1 + (iterations - 1) // settings.rho_every
+    return 2 * passes + factors / 3 + start_sweeps

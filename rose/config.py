@@ -16,12 +16,13 @@ from typing import Any
 import jsonschema
 import yaml
 
+from rose.admm import AdmmSettings
 from rose.allocation import LAYERS, OWL, UNIFORM, Allocation
 from rose.artifacts import atomic_write_text
 from rose.data import TextSource
 from rose.export import ExportError, check_formats
 from rose.layout import RunLayout
-from rose.methods import METHODS, PruneSettings
+from rose.methods import MethodName, PruneSettings
 from rose.sparsity import Sparsity
 
 
@@ -40,8 +41,13 @@ def _prune_defaults() -> dict[str, Any]:
     """`prune:`'s defaults are PruneSettings' own (the compute dtype is not a setting)."""
     settings = PruneSettings()
     return {
-        f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "compute_dtype"
+        f.name: getattr(settings, f.name)
+        for f in fields(settings)
+        if f.name not in ("compute_dtype", "admm")  # `admm:` is filled in only when used
     }
+
+
+ADMM_DEFAULTS: dict[str, Any] = asdict(AdmmSettings())
 
 
 DEFAULTS: dict[str, Any] = {
@@ -141,14 +147,28 @@ class Variant:
         return f"{self.method}-{self.target}"
 
     @property
+    def method_name(self) -> MethodName:
+        return MethodName.parse(self.method)
+
+    @property
+    def base_method(self) -> str:
+        """The method that chooses the mask: 'rose' for 'rose+admm'."""
+        return self.method_name.base
+
+    @property
     def needs_hessian(self) -> bool:
         """Its layer chain computes Hessians (and so carries each layer's inputs)."""
-        return METHODS[self.method].needs_hessian
+        return self.method_name.needs_hessian
 
     @property
     def needs_order(self) -> bool:
         """Its layer chain has an `order` stage."""
-        return METHODS[self.method].needs_order
+        return self.method_name.needs_order
+
+    @property
+    def uses_admm(self) -> bool:
+        """`prune.admm` decides its weights (a refit, or the admm method)."""
+        return self.method_name.uses_admm
 
 
 @dataclass(frozen=True)
@@ -198,6 +218,18 @@ class RunConfig:
         return tuple(sorted({a.m for a in self.allocations if a.kind == OWL}))
 
     @property
+    def admm(self) -> AdmmSettings:
+        """The `prune.admm:` settings, defaults filled in."""
+        return AdmmSettings(**{**ADMM_DEFAULTS, **self.raw["prune"].get("admm", {})})
+
+    @property
+    def admm_if_changed(self) -> dict[str, Any]:
+        """{"admm": the settings} when they differ from the defaults, else {}: what the section
+        adds to the run's identity, so adding an ADMM variant with the defaults to an existing
+        run keeps it (the ADMM variants' own provenance always carries the settings)."""
+        return {} if asdict(self.admm) == ADMM_DEFAULTS else {"admm": asdict(self.admm)}
+
+    @property
     def moe(self) -> MoeSettings:
         """The `moe:` settings (read from the effective settings, defaults filled in)."""
         return MoeSettings(**self.raw["moe"])
@@ -235,6 +267,12 @@ def merge(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
 def validate(raw: dict[str, Any]) -> None:
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a mapping at the top level")
+    for index, method in enumerate(raw.get("methods") or []):
+        if isinstance(method, str) and method.endswith("+admm"):
+            try:
+                MethodName.parse(method)
+            except ValueError as exc:  # say why (dense+admm), not only "is not one of"
+                raise ConfigError(f"config: methods.{index} = {exc}") from None
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
     if errors:
@@ -277,6 +315,12 @@ def from_dict(given: dict[str, Any]) -> RunConfig:
     prune = raw["prune"]
     if prune["blocksize"] < 1:
         raise ConfigError("config: prune.blocksize must be positive")
+    if "admm" in prune or any(MethodName.parse(m).uses_admm for m in raw["methods"]):
+        prune["admm"] = {**ADMM_DEFAULTS, **(prune.get("admm") or {})}
+    try:
+        admm = AdmmSettings(**prune.get("admm", ADMM_DEFAULTS))
+    except ValueError as exc:
+        raise ConfigError(f"config: {exc}") from None
     calib = raw["calibration"]
     evaluation = None
     if raw["evaluation"]:
@@ -323,6 +367,7 @@ def from_dict(given: dict[str, Any]) -> RunConfig:
             percdamp=prune["percdamp"],
             threshold=prune["threshold"],
             reorder=prune["reorder"],
+            admm=admm,
         ),
         layers=prune["layers"],
         results_dir=raw["results_dir"],
@@ -428,7 +473,16 @@ def parse_override(text: str) -> dict[str, Any]:
 def effective(cfg: RunConfig) -> str:
     """The settings a run uses, defaults filled in, as YAML: what `rose check` prints and
     what both drivers record in the run directory, so a config file provably means one thing."""
-    return yaml.safe_dump(cfg.raw, sort_keys=True, default_flow_style=False)
+    return yaml.safe_dump(_plain(cfg.raw), sort_keys=True, default_flow_style=False)
+
+
+def _plain(value: Any) -> Any:
+    """Mappings as dicts (Snakemake hands its config over as OrderedDicts, which safe_dump refuses)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
 
 
 def write_effective(cfg: RunConfig) -> Path:

@@ -2,6 +2,8 @@
 
 `prune_weight(method, weight, hessian, sparsity, settings)` is the only entry
 point the pipeline uses, so adding a method means adding one function here.
+A method name `<method>+admm` is that method's mask with its kept weights
+re-solved by rose.admm.refit; `admm` chooses the mask by ADMM as well.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rose.admm import AdmmSettings, SolveStats, admm_prune, refit
 from rose.ordering import (
     REORDER_MODES,
     THRESHOLD,
@@ -35,6 +38,7 @@ class PruneSettings:
     threshold: float = THRESHOLD
     reorder: str = REORDER_MODES[0]  # adaptive | always | never (ROSE only)
     compute_dtype: torch.dtype = torch.float32
+    admm: AdmmSettings = AdmmSettings()  # `prune.admm:` (refits and the admm method only)
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:
@@ -51,6 +55,8 @@ class PruneResult:
     damping: float | None = None
     damping_retries: int = 0
     seconds: float = 0.0
+    solver: SolveStats | None = None  # ADMM variants: what the solve did
+    unrefitted: torch.Tensor | None = None  # refits: the method's own weights, before the refit
 
     @property
     def sparsity(self) -> float:
@@ -145,6 +151,21 @@ def prune_dense(weight, hessian, sparsity, settings, ordering=None) -> PruneResu
     return PruneResult(weight.clone(), torch.zeros_like(weight, dtype=torch.bool), None)
 
 
+def prune_admm(weight, hessian, sparsity, settings, ordering=None) -> PruneResult:
+    """Mask and weights by ADMM (rose.admm.admm_prune), from dense or a SparseGPT/ROSE start."""
+    start, order, base = None, None, None
+    if settings.admm.start != "dense":
+        base = METHODS[settings.admm.start].prune(weight, hessian, sparsity, settings, None)
+        start, order = (base.weight, base.mask), base.ordering
+    pruned, mask, stats = admm_prune(
+        weight, hessian, sparsity, settings.admm, settings.percdamp, start
+    )
+    result = PruneResult(pruned, mask, order, solver=stats)
+    if base is not None:
+        result.damping, result.damping_retries = base.damping, base.damping_retries
+    return result
+
+
 PruneFn = Callable[..., PruneResult]
 
 
@@ -167,8 +188,56 @@ METHODS: dict[str, Method] = {
         Method("wanda", prune_wanda, needs_hessian=True),
         Method("magnitude", prune_magnitude),
         Method("dense", prune_dense),
+        Method("admm", prune_admm, needs_hessian=True),
     )
 }
+REFIT = "+admm"  # `<method>+admm`: the method's mask, its kept weights re-solved by ADMM
+REFITTABLE = ("rose", "sparsegpt", "wanda", "magnitude")  # dense has no mask, admm solves already
+
+
+@dataclass(frozen=True)
+class MethodName:
+    """A config's method name: the method that chooses the mask, and whether it is refitted."""
+
+    base: str
+    refit: bool = False
+
+    @classmethod
+    def parse(cls, name: str) -> MethodName:
+        base, suffix, rest = name.partition(REFIT)
+        if suffix and not rest and base in REFITTABLE:
+            return cls(base, refit=True)
+        if name in METHODS:
+            return cls(name)
+        if suffix and not rest and base in METHODS:
+            why = "it prunes nothing" if base == "dense" else "it solves its weights already"
+            raise ValueError(f"{name!r}: {base} has no refit ({why})")
+        raise ValueError(f"unknown method {name!r} (choose from {', '.join(method_names())})")
+
+    @property
+    def method(self) -> Method:
+        return METHODS[self.base]
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.refit or self.method.needs_hessian
+
+    @property
+    def needs_order(self) -> bool:
+        return self.method.needs_order
+
+    @property
+    def uses_admm(self) -> bool:
+        """Whether `prune.admm` decides its weights."""
+        return self.refit or self.base == "admm"
+
+    def __str__(self) -> str:
+        return self.base + (REFIT if self.refit else "")
+
+
+def method_names() -> list[str]:
+    """Every name `methods:` accepts (the schema's enum lists the same; a test checks)."""
+    return [*METHODS, *(m + REFIT for m in REFITTABLE)]
 
 
 def prune_weight(
@@ -185,19 +254,22 @@ def prune_weight(
     `ordering` (rose, sparsegpt) reuses a sweep order computed earlier, e.g. the
     pipeline's order stage; otherwise it is computed here.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    name = MethodName.parse(method)
     if not isinstance(sparsity, Sparsity):
         sparsity = Sparsity.parse(sparsity)
     settings = settings or PruneSettings()
-    spec = METHODS[method]
-    if spec.needs_hessian and hessian is None:
+    if name.needs_hessian and hessian is None:
         raise ValueError(f"{what}: method {method!r} needs a Hessian")
-    validate(weight, hessian if spec.needs_hessian else None, sparsity, what)
+    validate(weight, hessian if name.needs_hessian else None, sparsity, what)
     started = time.perf_counter()
     with torch.no_grad():
         try:
-            result = spec.prune(weight, hessian, sparsity, settings, ordering)
+            result = name.method.prune(weight, hessian, sparsity, settings, ordering)
+            if name.refit:
+                refitted, result.solver = refit(
+                    weight, result.weight, hessian, result.mask, settings.admm, settings.percdamp
+                )
+                result.unrefitted, result.weight = result.weight, refitted
         except NaNScoresError as exc:
             raise ValueError(f"{what}: {exc} (method {method}, sparsity {sparsity})") from None
     if weight.is_cuda:

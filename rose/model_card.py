@@ -34,7 +34,16 @@ METHOD_NAMES = {
     "sparsegpt": "SparseGPT (Frantar & Alistarh, 2023)",
     "wanda": "Wanda (Sun et al., 2023)",
     "magnitude": "magnitude pruning",
+    "admm": "ADMM layer-wise reconstruction choosing the mask (after Boža, TMLR 2024, and ALPS, Meng et al. 2024)",
 }
+REFIT_TEXT = "with its kept weights re-solved by ADMM on the layer Hessians (rose-pipeline's refit)"
+
+
+def method_text(method: str) -> str:
+    """'rose+admm' -> ROSE's title and the refit."""
+    base, plus, _ = method.partition("+")
+    title = METHOD_NAMES.get(base, base)
+    return f"{title}, {REFIT_TEXT}" if plus else title
 
 
 # ---------------------------------------------------------------- reading the run's artifacts
@@ -141,7 +150,7 @@ def _front_matter(
 ) -> str:
     method = manifest["method"]
     sparsity = str(manifest["sparsity"])
-    tags = ["pruned", "sparsity", "rose", method]
+    tags = ["pruned", "sparsity", "rose", *method.split("+")]
     tags.append("semi-structured-sparsity" if ":" in sparsity else "unstructured-sparsity")
     if export and export.get("format") == "compressed":
         tags.append("compressed-tensors")
@@ -221,7 +230,7 @@ def model_card_text(
     lines += [
         f"# {m['variant']}: {base_text} pruned with {method} to {sparsity} sparsity",
         "",
-        f"{METHOD_NAMES.get(method, method)} set {_num(m['achieved_sparsity'])} of the weights of the "
+        f"{method_text(method)} set {_num(m['achieved_sparsity'])} of the weights of the "
         f"{m['total_linears']} Linear layers of the first {m['pruned_layers']} decoder layers to zero "
         f"(target {structure}), one decoder layer at a time, calibrated on {tokens} tokens. "
         f"Made by rose-pipeline {versions.get('rose', '')}" + (f" (run `{run}`)." if run else "."),
@@ -248,6 +257,7 @@ def model_card_text(
         f"| pruned Linears | {m['total_linears']} |",
         f"| reordered Linears (ROSE) | {m['reordered_linears']} of {m['total_linears']} |",
         f"| blocksize / percdamp / threshold / reorder | {m['blocksize']} / {m['percdamp']} / {m['threshold']} / {m['reorder']} |",
+        *([f"| ADMM solver | {_admm_text(m['admm'])} |"] if m.get("admm") else []),
         f"| pruning time | {m['prune_seconds']:.1f} s |",
         f"| base model | `{m['model']['source']}` (fingerprint {m['model']['fingerprint']}) |",
         "| versions | " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v) + " |",
@@ -457,3 +467,7 @@ def parse_front_matter(text: str) -> dict[str, Any]:
     if not text.startswith("---\n"):
         raise ValueError("a model card starts with '---' (YAML front matter)")
     return yaml.safe_load(text[4 : text.index("\n---\n", 4)])
+
+
+def _admm_text(admm: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in admm.items())

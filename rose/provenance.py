@@ -7,6 +7,7 @@ for something else; `check_run` refuses a changed config before any stage runs.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
@@ -65,10 +66,13 @@ def dense_statistics_settings(cfg: RunConfig) -> dict[str, Any]:
 
 def variant_settings(cfg: RunConfig, variant: Variant) -> dict[str, Any]:
     """What decides a variant's per-layer artifacts (everything upstream included)."""
+    prune = {k: v for k, v in cfg.raw["prune"].items() if k not in ("layers", "admm")}
+    if variant.uses_admm:  # only then: the other variants keep their hashes
+        prune["admm"] = dataclasses.asdict(cfg.admm)
     out = {
         **calibration_settings(cfg),
         "variant": variant.name,
-        "prune": {k: v for k, v in cfg.raw["prune"].items() if k != "layers"},
+        "prune": prune,
         **cfg.moe_if_changed,
     }
     if not variant.allocation.is_uniform:  # only then: uniform variants keep their hashes
@@ -168,10 +172,11 @@ def allocation_provenance(cfg: RunConfig, info: ModelInfo, variant: Variant) -> 
 
 def run_identity(cfg: RunConfig) -> dict[str, Any]:
     """What every artifact of a run depends on: a run directory holds one of these."""
+    prune = {k: v for k, v in cfg.raw["prune"].items() if k != "admm"}
     return {
         "model": cfg.raw["model"],
         "calibration": cfg.raw["calibration"],
-        "prune": cfg.raw["prune"],
+        "prune": {**prune, **cfg.admm_if_changed},
         **cfg.moe_if_changed,
     }
 

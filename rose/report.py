@@ -406,7 +406,7 @@ def block_loss_figure(run_dir: Path, manifests: dict[str, dict[str, Any]]) -> Fi
     """Heatmap of the would-be-pruned loss of the most 'columnar' Linear, one panel per rose variant."""
     panels = []
     for variant, manifest in manifests.items():
-        if manifest.get("method") != "rose":
+        if str(manifest.get("method")).partition("+")[0] != "rose":
             continue
         entry = _max_range_linear(manifest)
         if entry is None:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from rose import family
+from rose.admm import AdmmSettings, solver_units
+from rose.methods import MethodName
 
 if TYPE_CHECKING:
     from rose.config import RunConfig
@@ -249,6 +251,9 @@ class StageFigures:
     calibration_local: bool  # calibration text read from disk (no hub download)
     variants: int
     source: Source | None = None  # None: not known (cluster requests assume a download)
+    solver_units: float = (
+        0.0  # the ADMM solve's work per Linear, in sweeps (rose.admm.solver_units)
+    )
 
     @property
     def acts(self) -> float:
@@ -381,7 +386,22 @@ def stage_figures(
         calibration_local=calib_source.get("kind") in LOCAL_TEXT,
         variants=variants if variants is not None else _variant_count(cfg),
         source=source,
+        solver_units=_solver_units(cfg),
     )
+
+
+def _solver_units(cfg: Mapping[str, Any]) -> float:
+    """The costliest ADMM solve any of the config's methods runs per Linear (0: none)."""
+    settings = AdmmSettings(
+        **{**asdict(AdmmSettings()), **((cfg.get("prune") or {}).get("admm") or {})}
+    )
+    units = [0.0]
+    for method in cfg.get("methods") or []:
+        name = MethodName.parse(method)
+        if name.uses_admm:
+            start = 1 if not name.refit and settings.start != "dense" else 0
+            units.append(solver_units(settings, name.refit, start))
+    return max(units)
 
 
 # ---------------------------------------------------------------- GPU memory
@@ -417,6 +437,14 @@ class GpuFigures:
     @property
     def hess(self) -> float:
         return 4.0 * self.layer.hessian_elements
+
+    @property
+    def solver(self) -> float:
+        """An ADMM solve's own memory: a float32 factor of the widest H and six weight buffers."""
+        if not any(v.uses_admm for v in self.cfg.variants):
+            return 0.0
+        big = max(self.layer.linears, key=lambda lin: lin.cols)
+        return 4.0 * big.cols**2 + 6 * 4.0 * big.rows * big.cols
 
     @property
     def weights(self) -> float:

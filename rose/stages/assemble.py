@@ -9,6 +9,7 @@ source's layout and tensor names.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
@@ -112,6 +113,7 @@ def assemble_model(ctx: StageContext) -> None:
         "percdamp": cfg.prune.percdamp,
         "threshold": cfg.prune.threshold,
         "reorder": cfg.prune.reorder,
+        **({"admm": dataclasses.asdict(cfg.admm)} if variant.uses_admm else {}),
         "pruned_layers": info.prune_layers,
         "calibration": cfg.raw["calibration"],
         "model": {"source": info.source, "fingerprint": info.fingerprint},
@@ -119,6 +121,8 @@ def assemble_model(ctx: StageContext) -> None:
         "prune_seconds": prune_seconds,
         "achieved_sparsity": total_zero / total if total else 0.0,
         "reordered_linears": sum(1 for e in linears.values() if e.get("reordered")),
+        # the mean over Linears of tr(D H D^T) / tr(W H W^T) (refits: also before the refit)
+        **_mean_errors(linears),
         # (device, torch threads) the layers were pruned with; more than one after a resume elsewhere
         "numerics": [{"device": d, "torch_threads": t} for d, t in sorted(numerics)],
         "total_linears": len(linears),
@@ -239,3 +243,12 @@ STAGES = (
         disk={"model_dir": "reassembled models"},
     ),
 )
+
+
+def _mean_errors(linears: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key in ("reconstruction_error", "reconstruction_error_before"):
+        values = [e[key] for e in linears.values() if e.get(key) is not None]
+        if values:
+            out[f"{key}_mean"] = sum(values) / len(values)
+    return out

@@ -246,7 +246,7 @@ def compute_order(ctx: StageContext) -> None:
     sparsity = layer_sparsity(ctx)
     units = layer_units(cfg, ctx.checkpoint, layer)
     prefix = ctx.family.layer_prefix.format(index=layer)
-    reorder = cfg.prune.reorder if variant.method == "rose" else "never"
+    reorder = cfg.prune.reorder if variant.base_method == "rose" else "never"
     datasets, group_attrs = {}, {}
     expected = hessians_provenance(cfg, info, variant, layer)
     with _Hessians(ctx.inputs["hessians"], expected, ctx.device, ctx.handoff) as hessians:
@@ -380,6 +380,12 @@ def prune_layer(ctx: StageContext) -> dict[str, Any]:
                 "damping": result.damping,
                 "damping_retries": result.damping_retries,
             }
+            if result.unrefitted is not None:  # a refit: the method's own error, for the report
+                stats[name]["reconstruction_error_before"] = reconstruction_error(
+                    weight, result.unrefitted, hessian
+                )
+            if result.solver is not None:
+                stats[name]["solver"] = result.solver.record()
             if unit.expert is not None:
                 stats[name].update(
                     _expert_stats(layer, unit, weight, hessians.attrs(group) if hessians else None)
@@ -617,9 +623,10 @@ STAGES = (
             "pruned": L.pruned(w["variant"], w["layer"]),
             "stats": L.stats(w["variant"], w["layer"]),
         },
+        # ADMM variants: the solve's passes (f.solver_units sweeps), its factor and buffers
         estimate=lambda f: (
-            3 * f.weights32 + 2 * f.hess,
-            2 * f.sweep_flops / f.flops + f.io(2 * f.hess),
+            3 * f.weights32 + 2 * f.hess + (f.hess / 2 + 6 * f.weights32 if f.solver_units else 0),
+            (2 + f.solver_units) * f.sweep_flops / f.flops + f.io(2 * f.hess),
         ),
         wildcards=("variant", "layer"),
         steps=_variant_layers(0),
@@ -627,7 +634,10 @@ STAGES = (
         gpu=True,
         chain=True,
         gpu_memory=lambda g: (
-            g.hess + g.big.rows * g.big.cols * (g.cbytes + 3 * 4 + 1) + 5.0 * 4 * g.big.cols**2
+            g.hess
+            + g.big.rows * g.big.cols * (g.cbytes + 3 * 4 + 1)
+            + 5.0 * 4 * g.big.cols**2
+            + g.solver
         ),
         writes=_pruned_bytes,
         disk={"pruned": "pruned layers"},
