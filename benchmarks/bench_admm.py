@@ -566,8 +566,18 @@ def resumable(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
+def is_complete(path: Path) -> bool:
+    try:
+        return bool(json.loads(path.read_text())["meta"].get("complete"))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def run_chunk(bench: Bench, seed: int, sparsity: str, path: Path) -> None:
     a = bench.args
+    if is_complete(path) and not a.force:
+        print(f"{NAME}: {path} is complete; skipped (--force redoes it)", file=sys.stderr)
+        return
     if seed not in bench.tokens:
         cfg_dict = owl.pipeline_config(
             bench.given,
@@ -584,9 +594,6 @@ def run_chunk(bench: Bench, seed: int, sparsity: str, path: Path) -> None:
     chunk = fresh_chunk(bench, seed, sparsity)
     if path.exists():
         old = json.loads(path.read_text())
-        if old["meta"].get("complete") and not a.force:
-            print(f"{NAME}: {path} is complete; skipped (--force redoes it)", file=sys.stderr)
-            return
         why = resumable(old, chunk)
         if not old["meta"].get("complete") and not why:
             chunk = old
@@ -634,6 +641,11 @@ def run_benchmark(args: argparse.Namespace, command: str) -> list[Path]:
 
     from rose import config as rose_config
 
+    out_dir = Path(args.out_dir).resolve()
+    paths = [chunk_path(out_dir, s, seed) for s in args.sparsity for seed in args.seeds]
+    if not args.force and all(is_complete(p) for p in paths):
+        print(f"{NAME}: every chunk is complete already (--force redoes them)", file=sys.stderr)
+        return paths
     peer_python = None
     if not args.no_peer:
         peer_python = ensure_peer_venv(Path(args.peer_venv).resolve(), install=not args.no_install)
@@ -644,8 +656,6 @@ def run_benchmark(args: argparse.Namespace, command: str) -> list[Path]:
     given = rose_config.merge(given, {"device": args.device})
     prune = rose_config.from_dict(given).raw["prune"]
     workdir = make_workdir(args.workdir, NAME)
-    out_dir = Path(args.out_dir).resolve()
-    paths = []
     try:
         info, dense_dir = owl.prepare(args, given, workdir)
         layers = info.num_layers if args.layers == "all" else min(int(args.layers), info.num_layers)
@@ -721,9 +731,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> list[Path]:
         bench = Bench(args, given, setup, scorer, base_meta)
         for sparsity in args.sparsity:
             for seed in args.seeds:
-                path = chunk_path(out_dir, sparsity, seed)
-                run_chunk(bench, seed, sparsity, path)
-                paths.append(path)
+                run_chunk(bench, seed, sparsity, chunk_path(out_dir, sparsity, seed))
         return paths
     finally:
         if args.keep:
