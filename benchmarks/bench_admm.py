@@ -565,8 +565,11 @@ def fresh_chunk(bench: Bench, seed: int, sparsity: str) -> dict[str, Any]:
 
 def resumable(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Why an incomplete chunk file cannot be continued (empty: it can)."""
-    keys = [*COMPARABLE, "methods", "owl_methods", "seed", "sparsity"]
+    keys = [k for k in COMPARABLE if k != "dense_ppl"]
+    keys += ["methods", "owl_methods", "seed", "sparsity"]
     out = [k for k in keys if old["meta"].get(k) != new["meta"].get(k)]
+    if not same_ppl(old["meta"].get("dense_ppl"), new["meta"].get("dense_ppl")):
+        out.append("dense_ppl")
     if old["meta"]["calibration"] != new["meta"]["calibration"]:
         out.append("calibration")
     if old["meta"]["evaluation"] != new["meta"]["evaluation"]:
