@@ -105,9 +105,9 @@ TOOL_ORDER = {OURS: 0, PEER: 1}
 RESCORE_RTOL = 1e-4
 
 
-def label(sparsity: float) -> str:
-    """The sparsity as variant names spell it (0.6 -> '0.6')."""
-    return f"{sparsity:g}"
+def label(sparsity: float | str) -> str:
+    """The sparsity as variant names spell it (0.6 -> '0.6'); a string (N:M, '2:4') as it is."""
+    return sparsity if isinstance(sparsity, str) else f"{sparsity:g}"
 
 
 def variant_name(method: str, allocation: str, sparsity: float) -> str:
@@ -382,6 +382,35 @@ def run_config(
     given: dict[str, Any], args: argparse.Namespace, seed: int, dense_dir: Path, workdir: Path
 ) -> dict[str, Any]:
     """One seed's config: every method x sparsity x {uniform, owl}, perplexity only, no export."""
+    return pipeline_config(
+        given,
+        args,
+        seed,
+        dense_dir,
+        workdir,
+        run=f"owl-seed{seed}",
+        methods=list(args.methods),
+        sparsities=list(args.sparsity),
+        allocation=[UNIFORM, {"kind": OWL, "m": args.owl_m, "lambda": args.owl_lambda}],
+    )
+
+
+def pipeline_config(
+    given: dict[str, Any],
+    args: argparse.Namespace,
+    seed: int,
+    dense_dir: Path,
+    workdir: Path,
+    *,
+    run: str,
+    methods: list[str],
+    sparsities: list[Any],
+    allocation: list[Any],
+    prune: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A run of `methods` x `sparsities` x `allocation` on the prepared dense model, calibration
+    seed `seed` (and --nsamples/--seqlen/--layers/--device), perplexity only (the --metric
+    evaluation, --max-windows), no export; `prune` is merged into the prune section."""
     from rose import config as rose_config
 
     calibration: dict[str, Any] = {"seed": seed}
@@ -393,16 +422,19 @@ def run_config(
     merged = rose_config.merge(
         given,
         {
-            "run": f"owl-seed{seed}",
+            "run": run,
             "results_dir": str(workdir / "ours"),
             "model": {"source": str(dense_dir)},
             "calibration": calibration,
-            "methods": list(args.methods),
-            "sparsities": list(args.sparsity),
-            "allocation": [UNIFORM, {"kind": OWL, "m": args.owl_m, "lambda": args.owl_lambda}],
+            "methods": methods,
+            "sparsities": sparsities,
+            "allocation": allocation,
             "device": args.device,
             "export": {"formats": []},
-            "prune": {"layers": None if args.layers == "all" else int(args.layers)},
+            "prune": {
+                "layers": None if args.layers == "all" else int(args.layers),
+                **(prune or {}),
+            },
         },
     )
     merged["evaluation"] = {  # replaced, not merged: perplexity only
