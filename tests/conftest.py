@@ -134,6 +134,8 @@ def pipeline_command(args) -> str | None:
         if name == "rose" and (i == 0 or module):
             rest = [a for a in argv[i + 1 :] if not a.startswith("-")]
             return "rose run" if rest[:1] == ["run"] else None
+        if arg == "-c" and i + 2 < len(argv) and "rose" in argv[i + 1]:  # python -c <code> run ...
+            return "rose run" if argv[i + 2] == "run" else None
     return None
 
 

@@ -33,6 +33,7 @@ def _effective_from_check(config: Path) -> dict:
     )
 
 
+@pytest.mark.e2e
 def test_a_partial_config_means_the_same_to_both_drivers(tmp_path, tiny_llama_dir, tiny_text_file):
     """No evaluation and no prune section: Snakemake must not fill them in from config/config.yaml
     (it used to deep-merge --configfile into the default, so the demo's zero-shot tasks ran)."""
@@ -114,6 +115,7 @@ def _assert_mid_run(run_dir: Path, killed: bool) -> None:
     assert not (run_dir / VARIANT / "model").exists()
 
 
+@pytest.mark.e2e
 def test_runner_finishes_what_a_killed_snakemake_started(
     tmp_path, tiny_llama_dir, tiny_text_file, clean_digest
 ):
@@ -130,6 +132,7 @@ def test_runner_finishes_what_a_killed_snakemake_started(
     assert not list(run_dir.rglob("inputs.h5")) and not list(run_dir.rglob("hessians.h5"))
 
 
+@pytest.mark.e2e
 def test_snakemake_finishes_what_a_killed_runner_started(
     tmp_path, tiny_llama_dir, tiny_text_file, clean_digest
 ):

@@ -25,6 +25,8 @@ from transformers import AutoModelForCausalLM
 from rose import config as rose_config
 from rose import runner
 
+pytestmark = pytest.mark.e2e  # every test runs or reads a workflow run
+
 METHODS = ["rose", "sparsegpt", "wanda", "magnitude"]
 SPARSITIES = [0.5, "2:4"]
 VARIANTS = [f"{m}-{s}" for m in METHODS for s in ("0.5", "2of4")]

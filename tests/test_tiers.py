@@ -31,6 +31,7 @@ def test_every_test_is_in_exactly_one_tier(request):
         ([sys.executable, "-m", "snakemake", "--snakefile", "Snakefile"], True),
         ([sys.executable, "-m", "rose", "run", "--config", "c.yaml"], True),
         (["rose", "run", "--config", "c.yaml"], True),
+        ([sys.executable, "-c", "from rose.cli import main; main()", "run", "--config", "c"], True),
         ("snakemake --cores 1 results/tiny", True),
         ([SNAKEMAKE, "--cores", "2", "-n"], False),
         ([SNAKEMAKE, "--lint"], False),
@@ -39,6 +40,10 @@ def test_every_test_is_in_exactly_one_tier(request):
         ([sys.executable, "-m", "rose", "plan", "--config", "c.yaml"], False),
         (["git", "rev-parse", "HEAD"], False),
         ([sys.executable, "-c", "print('snakemake')"], False),
+        (
+            [sys.executable, "-c", "from rose.cli import main; main()", "plan", "--config", "c"],
+            False,
+        ),
     ],
 )
 def test_pipeline_commands_are_recognised(argv, pipeline):
