@@ -26,6 +26,33 @@ def tiny_text_file(tmp_path_factory) -> Path:
     return path
 
 
+TINY_METHODS = ["rose", "sparsegpt", "wanda", "magnitude"]
+TINY_SPARSITIES = [0.5, "2:4"]
+TINY_VARIANTS = [f"{m}-{s}" for m in TINY_METHODS for s in ("0.5", "2of4")]
+
+
+@pytest.fixture(scope="session")
+def tiny_workflow_run(tmp_path_factory, tiny_llama_dir, tiny_text_file) -> tuple[Path, Path]:
+    """(run dir, config) of one Snakemake run (Python API) of every method at 50% and 2:4 on
+    the tiny Llama, intermediates removed: read, never changed, by tests/test_pipeline.py, and
+    the clean reference of tests/test_drivers.py's killed runs (a variant's bytes do not depend
+    on the other variants of its run)."""
+    from pipeline_utils import run_snakemake_api, write_config
+
+    tmp = tmp_path_factory.mktemp("workflow")
+    cfg = write_config(
+        tmp / "config.yaml",
+        tiny_llama_dir,
+        tiny_text_file,
+        tmp / "results",
+        methods=TINY_METHODS,
+        sparsities=TINY_SPARSITIES,
+    )
+    targets = [str(tmp / "results" / "tiny" / v / "model") for v in TINY_VARIANTS]
+    run_snakemake_api(cfg, tmp, targets)
+    return tmp / "results" / "tiny", cfg
+
+
 # ---------------------------------------------------------------- fault-injection summary
 # tests/test_faults.py marks each case with `fault(expect=...)`; the outcome of every case
 # that ran is counted by what it proved, and printed once at the end of the session.

@@ -92,13 +92,11 @@ def test_empty_evaluation_turns_evaluation_off_for_both_drivers(
 
 
 @pytest.fixture(scope="module")
-def clean_digest(tmp_path_factory, tiny_llama_dir, tiny_text_file):
-    tmp = tmp_path_factory.mktemp("clean")
-    cfg = write_config(
-        tmp / "c.yaml", tiny_llama_dir, tiny_text_file, tmp / "results", methods=["rose"]
-    )
-    runner.run(rose_config.load(cfg), evaluate=False, report=False)
-    return weights_digest(tmp / "results" / "tiny", VARIANT)
+def clean_digest(tiny_workflow_run):
+    """rose-0.5 of an uninterrupted run of the same settings: the session's workflow run
+    (tests/conftest.py), which tests/test_pipeline.py shows equals the in-process runner's."""
+    run_dir, _ = tiny_workflow_run
+    return weights_digest(run_dir, VARIANT)
 
 
 def _config(tmp_path, tiny_llama_dir, tiny_text_file) -> tuple[Path, Path]:
