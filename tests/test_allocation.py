@@ -240,6 +240,7 @@ def _zeros_expected(method: str, shape: tuple[int, int], p: float, blocksize: in
     return sum(prune_count(rows * w, p) for w in widths)
 
 
+@pytest.mark.e2e
 def test_owl_run_prunes_each_layer_to_exactly_its_allocated_sparsity(owl_run):
     cfg, _ = owl_run
     run_dir = cfg.run_dir
@@ -278,6 +279,7 @@ def test_owl_run_prunes_each_layer_to_exactly_its_allocated_sparsity(owl_run):
     assert manifest["allocation"] == {"kind": "uniform"}
 
 
+@pytest.mark.e2e
 def test_outlier_statistics_are_the_dense_models_own(owl_run, tiny_llama_dir):
     """The statistics pass's densities against the whole transformers model's Linear inputs."""
     import h5py
@@ -315,6 +317,7 @@ def test_outlier_statistics_are_the_dense_models_own(owl_run, tiny_llama_dir):
     assert not list((cfg.run_dir / "dense").rglob("outputs.h5"))
 
 
+@pytest.mark.e2e
 def test_report_has_the_allocation_column_and_the_layer_sparsity_plot(owl_run):
     cfg, _ = owl_run
     header = (cfg.run_dir / "report" / "summary.csv").read_text().splitlines()
@@ -331,6 +334,7 @@ def test_report_has_the_allocation_column_and_the_layer_sparsity_plot(owl_run):
     assert "layer_sparsity" in out["plots"]
 
 
+@pytest.mark.e2e
 def test_uniform_variants_are_byte_identical_with_and_without_owl_beside_them(
     owl_run, tmp_path, tiny_llama_dir, tiny_text_file
 ):
@@ -345,6 +349,7 @@ def test_uniform_variants_are_byte_identical_with_and_without_owl_beside_them(
     assert weights_digest(cfg.run_dir, "rose-owl-0.7") != weights_digest(cfg.run_dir, "rose-0.7")
 
 
+@pytest.mark.e2e
 def test_a_layers_list_prunes_each_layer_to_its_fraction(tmp_path, tiny_llama_dir, tiny_text_file):
     path = write_config(
         tmp_path / "l.yaml",
@@ -362,6 +367,7 @@ def test_a_layers_list_prunes_each_layer_to_its_fraction(tmp_path, tiny_llama_di
     assert not (cfg.run_dir / "dense").exists()  # no statistics pass without OWL
 
 
+@pytest.mark.e2e
 def test_kill_during_the_statistics_pass_resumes_to_the_same_bytes(
     owl_run, tmp_path, tiny_llama_dir, tiny_text_file
 ):
@@ -405,6 +411,7 @@ def yaml_copy(src: Path, dst: Path, results: Path) -> Path:
     return dst
 
 
+@pytest.mark.e2e
 def test_lambda_too_large_for_the_target_stops_with_the_key(
     tmp_path, tiny_llama_dir, tiny_text_file
 ):
@@ -429,6 +436,7 @@ def test_lambda_too_large_for_the_target_stops_with_the_key(
     assert not (tmp_path / "results" / "tiny" / "allocation" / "owl-0.95.json").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "family, calibrate_all", [("mixtral", True), ("qwen2_moe", False)], ids=["mixtral", "qwen2_moe"]
 )

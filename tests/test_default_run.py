@@ -17,6 +17,8 @@ from pipeline_utils import REPO, write_config
 from rose import config as rose_config
 from rose import runner
 
+pytestmark = pytest.mark.e2e  # every test reads the tiny default run
+
 
 def _script():
     spec = importlib.util.spec_from_file_location(

@@ -33,6 +33,7 @@ def _effective_from_check(config: Path) -> dict:
     )
 
 
+@pytest.mark.e2e
 def test_a_partial_config_means_the_same_to_both_drivers(tmp_path, tiny_llama_dir, tiny_text_file):
     """No evaluation and no prune section: Snakemake must not fill them in from config/config.yaml
     (it used to deep-merge --configfile into the default, so the demo's zero-shot tasks ran)."""
@@ -91,13 +92,11 @@ def test_empty_evaluation_turns_evaluation_off_for_both_drivers(
 
 
 @pytest.fixture(scope="module")
-def clean_digest(tmp_path_factory, tiny_llama_dir, tiny_text_file):
-    tmp = tmp_path_factory.mktemp("clean")
-    cfg = write_config(
-        tmp / "c.yaml", tiny_llama_dir, tiny_text_file, tmp / "results", methods=["rose"]
-    )
-    runner.run(rose_config.load(cfg), evaluate=False, report=False)
-    return weights_digest(tmp / "results" / "tiny", VARIANT)
+def clean_digest(tiny_workflow_run):
+    """rose-0.5 of an uninterrupted run of the same settings: the session's workflow run
+    (tests/conftest.py), which tests/test_pipeline.py shows equals the in-process runner's."""
+    run_dir, _ = tiny_workflow_run
+    return weights_digest(run_dir, VARIANT)
 
 
 def _config(tmp_path, tiny_llama_dir, tiny_text_file) -> tuple[Path, Path]:
@@ -114,6 +113,7 @@ def _assert_mid_run(run_dir: Path, killed: bool) -> None:
     assert not (run_dir / VARIANT / "model").exists()
 
 
+@pytest.mark.e2e
 def test_runner_finishes_what_a_killed_snakemake_started(
     tmp_path, tiny_llama_dir, tiny_text_file, clean_digest
 ):
@@ -130,6 +130,7 @@ def test_runner_finishes_what_a_killed_snakemake_started(
     assert not list(run_dir.rglob("inputs.h5")) and not list(run_dir.rglob("hessians.h5"))
 
 
+@pytest.mark.e2e
 def test_snakemake_finishes_what_a_killed_runner_started(
     tmp_path, tiny_llama_dir, tiny_text_file, clean_digest
 ):

@@ -130,6 +130,7 @@ def _stored_bytes(weight: torch.Tensor, fmt: str) -> int:
 # ---------------------------------------------------------------- round trips
 
 
+@pytest.mark.e2e
 @needs_ct
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -202,6 +203,7 @@ def test_round_trip_is_bit_identical_and_smaller(runs, dtype, variant):
     assert export.verify_export(packed_dir)["variant"] == variant
 
 
+@pytest.mark.e2e
 @needs_ct
 def test_sparsity_the_format_cannot_beat_is_exported_anyway(runs):
     cfg = runs["bfloat16"]
@@ -214,6 +216,7 @@ def test_sparsity_the_format_cannot_beat_is_exported_anyway(runs):
     assert "not smaller than the dense weights" in (out / "README.md").read_text()
 
 
+@pytest.mark.e2e
 @needs_ct
 def test_sharded_export_round_trips_through_its_index(runs, tmp_path):
     cfg = runs["float32"]
@@ -278,6 +281,7 @@ def test_the_stack_check_compares_versions_as_numbers(transformers_version, ct_v
     assert _stack_without_sparse_compressors(transformers_version, ct_version) is expected
 
 
+@pytest.mark.e2e
 @needs_ct
 def test_transformers_5_does_not_decompress_the_format(runs):
     """Why `rose.export.load_model` exists: compressed-tensors >= 0.15 dropped its sparse compressors,
@@ -330,6 +334,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.e2e
 @needs_ct
 @pytest.mark.skipif(
     not os.environ.get("ROSE_CT_LEGACY"),
@@ -561,6 +566,7 @@ def _card_tables(text: str) -> tuple[list[list[str]], list[list[str]]]:
     return tables[0], tables[1]
 
 
+@pytest.mark.e2e
 def test_model_card_numbers_equal_the_run_artifacts(evaluated):
     cfg, exports = evaluated
     run_dir = cfg.run_dir
@@ -675,6 +681,7 @@ def test_model_card_numbers_equal_the_run_artifacts(evaluated):
         assert ("from rose.export import load_model" in text) == (fmt == "compressed")
 
 
+@pytest.mark.e2e
 def test_model_card_refuses_evaluations_of_another_model(evaluated, tmp_path):
     cfg, _ = evaluated
     copy = tmp_path / "run"
@@ -694,6 +701,7 @@ def test_model_card_refuses_evaluations_of_another_model(evaluated, tmp_path):
         model_card.collect_evaluations(copy, "rose-0.5", fingerprint)
 
 
+@pytest.mark.e2e
 def test_model_card_of_the_reassembled_directory(evaluated, tmp_path):
     """`<variant>/model/`'s own card: everything but the evaluations, which read that directory."""
     cfg, _ = evaluated
@@ -773,6 +781,7 @@ def test_model_card_pure_function_cases():
 # ---------------------------------------------------------------- resume after a kill
 
 
+@pytest.mark.e2e
 @needs_ct
 def test_kill_inside_an_export_leaves_nothing_trusted_and_rerun_is_identical(runs, tmp_path):
     cfg = runs["bfloat16"]
@@ -814,6 +823,7 @@ def test_kill_inside_an_export_leaves_nothing_trusted_and_rerun_is_identical(run
     export.verify_export(out)
 
 
+@pytest.mark.e2e
 def test_corrupt_export_is_detected(runs, tmp_path):
     cfg = runs["float32"]
     out, _ = _export(cfg, "magnitude-0.5", "dense")
@@ -833,6 +843,7 @@ def test_corrupt_export_is_detected(runs, tmp_path):
 # ---------------------------------------------------------------- bad input
 
 
+@pytest.mark.e2e
 def test_unknown_or_unavailable_format_is_one_line_before_any_work(runs, monkeypatch, tmp_path):
     with pytest.raises(export.ExportError) as info:
         export.check_formats(["dense", "zip"])
@@ -864,6 +875,7 @@ def test_unknown_or_unavailable_format_is_one_line_before_any_work(runs, monkeyp
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.e2e
 def test_foreign_or_missing_source_is_refused(runs, tmp_path):
     cfg = runs["float32"]
     layout = RunLayout(cfg.run_dir)
@@ -905,6 +917,7 @@ def test_inference_benchmark_says_no_accelerated_path_without_a_gpu():
     assert "nothing measured" in lines[0] and "|" not in result.stdout
 
 
+@pytest.mark.e2e
 def test_inference_benchmark_harness_runs_in_check_mode(runs):
     model_dir = RunLayout(runs["float32"].run_dir).model_dir("magnitude-2of4")
     result = subprocess.run(

@@ -966,6 +966,7 @@ HANDLERS = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", _params())
 def test_fault(case: FaultCase, world: World, tmp_path: Path, monkeypatch) -> None:
     _no_report(monkeypatch)

@@ -23,6 +23,8 @@ from transformers import AutoModelForCausalLM
 from rose import config as rose_config
 from rose import runner
 
+pytestmark = pytest.mark.e2e  # every test reads a half-precision run
+
 VARIANTS = ("rose-0.5", "magnitude-0.5")
 LINEAR_SUFFIXES = tuple(
     f"{n}.weight"

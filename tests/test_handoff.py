@@ -203,6 +203,7 @@ def two_runs(request, tmp_path_factory, tiny_text_file):
     return runs
 
 
+@pytest.mark.e2e
 def test_handoff_gives_the_same_bytes(two_runs):
     (off_dir, _), (on_dir, _) = two_runs[0], two_runs["auto"]
     off, on = _digest(off_dir), _digest(on_dir)
@@ -210,6 +211,7 @@ def test_handoff_gives_the_same_bytes(two_runs):
     assert off == on
 
 
+@pytest.mark.e2e
 def test_handoff_reads_back_nothing_the_layer_chain_just_wrote(two_runs):
     (_, off), (_, on) = two_runs[0], two_runs["auto"]
     assert off.handoff_budget == 0 and on.handoff_budget > 0

@@ -27,6 +27,8 @@ from rose import runner
 from rose.artifacts import H5Artifact
 from rose.layout import RunLayout
 
+pytestmark = pytest.mark.e2e  # every test reads a ROSE run
+
 VARIANT = "rose-0.5"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_VARIANTS as VARIANTS
 from pipeline_utils import (
     REPO,
     kill_when,
     pruned_count,
     run_snakemake,
-    run_snakemake_api,
     snakemake_cmd,
     weights_digest,
     write_config,
@@ -25,26 +25,13 @@ from transformers import AutoModelForCausalLM
 from rose import config as rose_config
 from rose import runner
 
-METHODS = ["rose", "sparsegpt", "wanda", "magnitude"]
-SPARSITIES = [0.5, "2:4"]
-VARIANTS = [f"{m}-{s}" for m in METHODS for s in ("0.5", "2of4")]
+pytestmark = pytest.mark.e2e  # every test runs or reads a workflow run
 
 
 @pytest.fixture(scope="module")
-def workflow_run(tmp_path_factory, tiny_llama_dir, tiny_text_file):
-    """One Snakemake run (Python API) of every method at 50% and 2:4."""
-    tmp = tmp_path_factory.mktemp("workflow")
-    cfg = write_config(
-        tmp / "config.yaml",
-        tiny_llama_dir,
-        tiny_text_file,
-        tmp / "results",
-        methods=METHODS,
-        sparsities=SPARSITIES,
-    )
-    targets = [str(tmp / "results" / "tiny" / v / "model") for v in VARIANTS]
-    run_snakemake_api(cfg, tmp, targets)
-    return tmp / "results" / "tiny", cfg
+def workflow_run(tiny_workflow_run):
+    """One Snakemake run (Python API) of every method at 50% and 2:4 (tests/conftest.py)."""
+    return tiny_workflow_run
 
 
 def test_workflow_equals_in_process_runner(workflow_run, tmp_path):

@@ -442,6 +442,7 @@ def test_unreadable_model_config_skips_the_check(tmp_path, caplog):
     assert "pre-flight skipped" in caplog.text
 
 
+@pytest.mark.e2e
 def test_snakemake_refuses_in_onstart(tmp_path, monkeypatch, tiny_llama_dir, tiny_text_file):
     """Snakemake's onstart runs the same check (every variant at once) and stops before any job."""
     from pipeline_utils import run_snakemake_api, write_config
@@ -546,6 +547,7 @@ def _tiny_raw(tmp_path: Path, model: Path, text: Path) -> dict:
     }
 
 
+@pytest.mark.e2e
 def test_tiny_run_disk_and_memory_as_predicted(tmp_path, tiny_llama_dir, tiny_text_file):
     """The tiny model end to end (3 layers; rose, wanda, magnitude; perplexity): the predicted
     runner peak is within 25% of the measured one or above it, and not 10x above."""

@@ -15,6 +15,8 @@ from rose import config as rose_config
 from rose.layout import RunLayout
 from rose.model_info import ModelInfo
 
+pytestmark = pytest.mark.e2e  # every test reads a run's stage outputs
+
 
 @pytest.fixture(scope="module")
 def wanda_zero(tmp_path_factory, tiny_llama_dir, tiny_text_file):
