@@ -86,3 +86,14 @@ def test_slug_matches_githubs_ids():
     assert slug("Measured: uniform against OWL on SmolLM2, and against llm-compressor's OWL") == (
         "measured-uniform-against-owl-on-smollm2-and-against-llm-compressors-owl"
     )
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    """.ci/run's last command is the one bash line under README.md's "Run the tests"."""
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"^Run the tests.*?^```bash\n(.*?)^```", readme, re.S | re.M)
+    assert block, 'README.md has no "Run the tests" bash block'
+    (command,) = [line for line in block.group(1).splitlines() if line.strip()]
+    ci = [line.strip() for line in (REPO / ".ci/run").read_text().splitlines()]
+    ci = [line for line in ci if line and not line.startswith("#")]
+    assert ci[-1] == command.strip()
