@@ -38,30 +38,21 @@ from rose.methods import PruneSettings, prune_weight, reconstruction_error  # no
 from rose.sparsity import Sparsity  # noqa: E402
 
 REFITS = {  # name -> AdmmSettings changes (refits read refit_iterations and cg_iterations)
-    "cg 5": {"refit_iterations": 0, "cg_iterations": 5},
-    "cg 10": {"refit_iterations": 0, "cg_iterations": 10},
-    "cg 20": {"refit_iterations": 0, "cg_iterations": 20},
-    "admm 2 + cg 10": {"refit_iterations": 2, "cg_iterations": 10},
+    "cg 10 (default)": {},
+    "cg 20": {"cg_iterations": 20},
+    "admm 2 + cg 10": {"refit_iterations": 2},
     "admm 10 + cg 0": {"refit_iterations": 10, "cg_iterations": 0},
 }
 ADMMS = {  # the admm method
-    "dense, 20 it (ramp 15), rho 0.1 x1.3, cg 10": {},
-    "dense, 40 it (ramp 30), rho 0.1 x1.15, cg 10": {
-        "iterations": 40,
-        "ramp_iterations": 30,
-        "rho_growth": 1.15,
-    },
-    "dense, 20 it (ramp 15), rho 1 fixed, cg 10": {"rho": 1.0, "rho_growth": 1.0},
-    "sparsegpt start, 10 it, rho 0.1 x1.3, cg 10": {
-        "start": "sparsegpt",
-        "iterations": 10,
-        "ramp_iterations": 0,
-    },
-    "sparsegpt start, 10 it, rho 1 x1.3, cg 10": {
-        "start": "sparsegpt",
-        "iterations": 10,
-        "ramp_iterations": 0,
+    "sparsegpt start, 20 it, rho 0.03 x1.3, cg 10 (default)": {},
+    "sparsegpt start, 30 it, rho 0.03 x1.2, cg 10": {"iterations": 30, "rho_growth": 1.2},
+    "sparsegpt start, 20 it, rho 0.1 x1.3, cg 10": {"rho": 0.1},
+    "rose start, 20 it, rho 0.03 x1.3, cg 10": {"start": "rose"},
+    "dense start, 20 it (ramp 15), rho 0.03 x1.3, cg 10": {"start": "dense"},
+    "dense start, 20 it (ramp 15), rho 1 fixed, cg 10": {
+        "start": "dense",
         "rho": 1.0,
+        "rho_growth": 1.0,
     },
 }
 
@@ -156,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", required=True, help="a run made with keep_intermediates: true")
     p.add_argument("--variant", required=True, help="whose kept Hessians to read")
-    p.add_argument("--layers", type=int, nargs="+", default=[1, 4, 8, 11])
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 5, 9])
     p.add_argument("--sparsity", nargs="+", default=["0.7"])
     p.add_argument("--threads", type=int, default=2)
     run(p.parse_args(argv))
