@@ -711,42 +711,10 @@ def run_benchmark(args: argparse.Namespace, command: str) -> list[Path]:
         scorer = owl.Scorer(spec, probe.evaluation.batch_size, dense_dir, args.device)
         print(f"{NAME}: scoring the dense model ...", file=sys.stderr)
         base_meta = {
-            "command": command,
-            "header": _header(),
-            "model": {
-                "source": info.source,
-                "num_layers": info.num_layers,
-                "parameters_m": info.parameters / 1e6,
-            },
-            "layers": layers,
-            "truncate": setup.truncate,
-            "dtype": dtype,
-            "device": args.device,
-            "threads": args.threads,
+            **owl.run_meta(command, info, setup, probe, scorer),
             "methods": list(args.methods),
             "owl_methods": list(args.owl_methods) if args.owl else [],
-            "owl_m": args.owl_m,
-            "owl_lambda": args.owl_lambda,
             "admm": admm_settings(args.admm_overrides),
-            "blocksize": setup.blocksize,
-            "percdamp": setup.percdamp,
-            "calibration": {
-                "source": probe.calibration.source.describe(),
-                "nsamples": probe.calibration.nsamples,
-                "seqlen": probe.calibration.seqlen,
-                "tokens_sha": {},
-            },
-            "evaluation": {
-                "name": spec.name,
-                "source": spec.source.describe(),
-                "windows": int(scorer.windows.shape[0]),
-                "seqlen": int(scorer.windows.shape[1]),
-                "sha": owl.sha(scorer.windows),
-                "batch_size": scorer.batch_size,
-            },
-            "dense_ppl": scorer.ppl(dense_dir),
-            "versions_main": owl.versions(("torch", "transformers", "compressed-tensors")),
-            "versions_peer": None,
         }
         bench = Bench(args, given, setup, scorer, base_meta)
         for sparsity in args.sparsity:

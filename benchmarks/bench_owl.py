@@ -892,6 +892,49 @@ def merge_results(datas: list[dict[str, Any]], names: list[str]) -> dict[str, An
 # ---------------------------------------------------------------- the benchmark
 
 
+def run_meta(command: str, info: Any, setup: Setup, cfg: Any, scorer: Scorer) -> dict[str, Any]:
+    """What a benchmark of ours and llm-compressor on one dense model records of its protocol
+    (shared by bench_owl.py and bench_admm.py; their files are compared on these keys)."""
+    from common import header
+
+    a, spec = setup.args, scorer.spec
+    return {
+        "command": command,
+        "header": header(),
+        "model": {
+            "source": info.source,
+            "num_layers": info.num_layers,
+            "parameters_m": info.parameters / 1e6,
+        },
+        "layers": setup.layers,
+        "truncate": setup.truncate,
+        "dtype": setup.dtype,
+        "device": a.device,
+        "threads": a.threads,
+        "owl_m": a.owl_m,
+        "owl_lambda": a.owl_lambda,
+        "blocksize": setup.blocksize,
+        "percdamp": setup.percdamp,
+        "calibration": {
+            "source": cfg.calibration.source.describe(),
+            "nsamples": cfg.calibration.nsamples,
+            "seqlen": cfg.calibration.seqlen,
+            "tokens_sha": {},
+        },
+        "evaluation": {
+            "name": spec.name,
+            "source": spec.source.describe(),
+            "windows": int(scorer.windows.shape[0]),
+            "seqlen": int(scorer.windows.shape[1]),
+            "sha": sha(scorer.windows),
+            "batch_size": scorer.batch_size,
+        },
+        "dense_ppl": scorer.ppl(setup.dense_dir),
+        "versions_main": versions(("torch", "transformers", "compressed-tensors")),
+        "versions_peer": None,
+    }
+
+
 def prepare(args: argparse.Namespace, given: dict[str, Any], workdir: Path) -> tuple[Any, Path]:
     """The dense safetensors checkpoint, prepared once (reused from an earlier --workdir run)."""
     from rose import config as rose_config
@@ -957,42 +1000,10 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
         scorer = Scorer(spec, first.evaluation.batch_size, dense_dir, args.device)
         print("bench_owl: scoring the dense model ...", file=sys.stderr)
         meta: dict[str, Any] = {
-            "command": command,
-            "header": header(),
-            "model": {
-                "source": info.source,
-                "num_layers": info.num_layers,
-                "parameters_m": info.parameters / 1e6,
-            },
-            "layers": layers,
-            "truncate": setup.truncate,
-            "dtype": dtype,
-            "device": args.device,
-            "threads": args.threads,
+            **run_meta(command, info, setup, first, scorer),
             "methods": list(args.methods),
             "sparsities": [label(s) for s in args.sparsity],
             "seeds": list(args.seeds),
-            "owl_m": args.owl_m,
-            "owl_lambda": args.owl_lambda,
-            "blocksize": setup.blocksize,
-            "percdamp": setup.percdamp,
-            "calibration": {
-                "source": first.calibration.source.describe(),
-                "nsamples": first.calibration.nsamples,
-                "seqlen": first.calibration.seqlen,
-                "tokens_sha": {},
-            },
-            "evaluation": {
-                "name": spec.name,
-                "source": spec.source.describe(),
-                "windows": int(scorer.windows.shape[0]),
-                "seqlen": int(scorer.windows.shape[1]),
-                "sha": sha(scorer.windows),
-                "batch_size": scorer.batch_size,
-            },
-            "dense_ppl": scorer.ppl(dense_dir),
-            "versions_main": versions(("torch", "transformers", "compressed-tensors")),
-            "versions_peer": None,
             "rescore": None,
             "wall_s": {},
         }
