@@ -566,36 +566,35 @@ def _hessians_gpu(g) -> float:
 
 HESSIANS_DISK = {"hessians": "Hessians"}  # the category rose.preflight reports its size by
 
+# What the two Hessian stages share: the call, its sizes, and that the Hessians go once pruned.
+_HESSIANS = dict(
+    estimate=_hessians_estimate,
+    temporary=frozenset({"hessians"}),
+    gpu=True,
+    chain=True,
+    gpu_memory=_hessians_gpu,
+    writes=_hessians_bytes,
+    disk=HESSIANS_DISK,
+)
+
 STAGES = (
     # Layer 0's Hessians: the dense layer on the shared embeddings, the same for every variant.
     Stage(
         "shared_hessians",
         compute_hessians,
         outputs=lambda L, w: {"hessians": L.shared_hessians},
-        estimate=_hessians_estimate,
         steps=lambda plan: [{}] if any(v.needs_hessian for v in plan.variants.values()) else [],
         inputs=lambda plan, w: {"inputs": plan.layout.inputs(DENSE, 0)},
-        temporary=frozenset({"hessians"}),
-        gpu=True,
-        chain=True,
-        gpu_memory=_hessians_gpu,
-        writes=_hessians_bytes,
-        disk=HESSIANS_DISK,
+        **_HESSIANS,
     ),
     Stage(
         "hessians",
         compute_hessians,
         outputs=lambda L, w: {"hessians": L.variant_hessians(w["variant"], w["layer"])},
-        estimate=_hessians_estimate,
         wildcards=("variant", "layer"),
         steps=_variant_layers(1, lambda v: v.needs_hessian),
         inputs=lambda plan, w: {"inputs": plan.layout.inputs(w["variant"], int(w["layer"]))},
-        temporary=frozenset({"hessians"}),
-        gpu=True,
-        chain=True,
-        gpu_memory=_hessians_gpu,
-        writes=_hessians_bytes,
-        disk=HESSIANS_DISK,
+        **_HESSIANS,
     ),
     Stage(
         "order",
