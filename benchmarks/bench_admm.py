@@ -656,7 +656,7 @@ def _header() -> list[str]:
 def run_benchmark(args: argparse.Namespace, command: str) -> list[Path]:
     import torch
     import yaml
-    from bench_peer import _thread_env, ensure_peer_venv
+    from bench_peer import ensure_peer_venv
     from common import workdir as make_workdir
 
     from rose import config as rose_config
@@ -674,26 +674,11 @@ def run_benchmark(args: argparse.Namespace, command: str) -> list[Path]:
     torch.set_num_threads(args.threads)
     given = yaml.safe_load(Path(args.config).read_text()) or {}
     given = rose_config.merge(given, {"device": args.device})
-    prune = rose_config.from_dict(given).raw["prune"]
+    rose_config.from_dict(given)  # a bad config stops here, before the model is prepared
     workdir = make_workdir(args.workdir, NAME)
     try:
-        info, dense_dir = owl.prepare(args, given, workdir)
-        layers = info.num_layers if args.layers == "all" else min(int(args.layers), info.num_layers)
-        dtype = "float32"
-        if args.device == "cuda" and info.dtype in ("float16", "bfloat16"):
-            dtype = info.dtype
-        setup = owl.Setup(
-            args=args,
-            workdir=workdir,
-            dense_dir=dense_dir,
-            layers=layers,
-            truncate=layers < info.num_layers,
-            dtype=dtype,
-            env=_thread_env(args.threads, args.device),
-            peer_python=peer_python,
-            blocksize=prune["blocksize"],
-            percdamp=prune["percdamp"],
-        )
+        info, setup = owl.make_setup(args, given, workdir, peer_python)
+        dense_dir = setup.dense_dir
         probe = rose_config.from_dict(
             owl.pipeline_config(
                 given,

@@ -892,6 +892,35 @@ def merge_results(datas: list[dict[str, Any]], names: list[str]) -> dict[str, An
 # ---------------------------------------------------------------- the benchmark
 
 
+def make_setup(
+    args: argparse.Namespace, given: dict[str, Any], workdir: Path, peer_python: Path | None
+) -> tuple[Any, Setup]:
+    """Prepare the dense model once and fix what every run shares (bench_owl and bench_admm)."""
+    from bench_peer import _thread_env
+
+    from rose import config as rose_config
+
+    prune = rose_config.from_dict(given).raw["prune"]
+    info, dense_dir = prepare(args, given, workdir)
+    layers = info.num_layers if args.layers == "all" else min(int(args.layers), info.num_layers)
+    dtype = "float32"
+    if args.device == "cuda" and info.dtype in ("float16", "bfloat16"):
+        dtype = info.dtype  # what `dtype: auto` computes in on GPU
+    setup = Setup(
+        args=args,
+        workdir=workdir,
+        dense_dir=dense_dir,
+        layers=layers,
+        truncate=layers < info.num_layers,
+        dtype=dtype,
+        env=_thread_env(args.threads, args.device),
+        peer_python=peer_python,
+        blocksize=prune["blocksize"],
+        percdamp=prune["percdamp"],
+    )
+    return info, setup
+
+
 def run_meta(command: str, info: Any, setup: Setup, cfg: Any, scorer: Scorer) -> dict[str, Any]:
     """What a benchmark of ours and llm-compressor on one dense model records of its protocol
     (shared by bench_owl.py and bench_admm.py; their files are compared on these keys)."""
@@ -958,7 +987,7 @@ def prepare(args: argparse.Namespace, given: dict[str, Any], workdir: Path) -> t
 def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
     import torch
     import yaml
-    from bench_peer import _thread_env, ensure_peer_venv
+    from bench_peer import ensure_peer_venv
     from common import header
 
     from rose import config as rose_config
@@ -971,30 +1000,15 @@ def run_benchmark(args: argparse.Namespace, command: str) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     given = yaml.safe_load(Path(args.config).read_text()) or {}
     given = rose_config.merge(given, {"device": args.device})
-    prune = rose_config.from_dict(given).raw["prune"]
+    rose_config.from_dict(given)  # a bad config stops here, before the model is prepared
 
     from common import workdir as make_workdir
 
     workdir = make_workdir(args.workdir, "bench_owl")
     out_json = Path(args.out).resolve()
     try:
-        info, dense_dir = prepare(args, given, workdir)
-        layers = info.num_layers if args.layers == "all" else min(int(args.layers), info.num_layers)
-        dtype = "float32"
-        if args.device == "cuda" and info.dtype in ("float16", "bfloat16"):
-            dtype = info.dtype  # what `dtype: auto` computes in on GPU
-        setup = Setup(
-            args=args,
-            workdir=workdir,
-            dense_dir=dense_dir,
-            layers=layers,
-            truncate=layers < info.num_layers,
-            dtype=dtype,
-            env=_thread_env(args.threads, args.device),
-            peer_python=peer_python,
-            blocksize=prune["blocksize"],
-            percdamp=prune["percdamp"],
-        )
+        info, setup = make_setup(args, given, workdir, peer_python)
+        dense_dir = setup.dense_dir
         first = rose_config.from_dict(run_config(given, args, args.seeds[0], dense_dir, workdir))
         spec = first.evaluation.perplexity[0]
         scorer = Scorer(spec, first.evaluation.batch_size, dense_dir, args.device)
