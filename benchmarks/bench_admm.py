@@ -93,34 +93,6 @@ DEFAULT_METHODS = (*BASE, *(f"{m}+admm" for m in BASE), "admm")
 DEFAULT_OWL_METHODS = ("sparsegpt", "rose+admm")
 STEPS = ("ours-uniform", "ours-owl", "peer-uniform", "peer-owl")
 
-# Wraps `python -m rose run` (as bench_peer.OURS_WRAPPER) and also keeps the runner's own
-# per-step timings: stage, variant, layer, seconds.
-OURS_TIMED = """
-import json, os, sys, time
-from dataclasses import asdict
-started = time.perf_counter()
-import torch
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-import rose.runner
-timings = []
-_run = rose.runner.run
-def run(*args, **kwargs):
-    result = _run(*args, **kwargs)
-    timings.extend(asdict(t) for t in result.timings)
-    return result
-rose.runner.run = run
-from rose.cli import main
-code = main(sys.argv[2:])
-hwm = 0.0
-for line in open("/proc/self/status"):
-    if line.startswith("VmHWM:"):
-        hwm = int(line.split()[1]) / 1024
-with open(sys.argv[1], "w") as f:
-    json.dump({"rc": code, "rss_mb": hwm, "threads": torch.get_num_threads(),
-               "inner_seconds": time.perf_counter() - started, "timings": timings}, f)
-sys.exit(code)
-"""
-
 
 # ---------------------------------------------------------------- names
 
@@ -204,8 +176,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=list(DEFAULT_OWL_METHODS),
         help="the OWL run's methods (default sparsegpt rose+admm: give the best ADMM variant)",
     )
-    p.add_argument("--owl-m", type=int, default=5)
-    p.add_argument("--owl-lambda", type=float, default=0.08)
     p.add_argument(
         "--admm",
         nargs="+",
@@ -213,13 +183,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="prune.admm settings (rose.admm.AdmmSettings; default: its defaults)",
     )
-    p.add_argument("--layers", default="all", help="prune the first N decoder layers, or 'all'")
-    p.add_argument("--nsamples", type=int, default=None, help="default: the config's")
-    p.add_argument("--seqlen", type=int, default=None, help="default: the config's")
-    p.add_argument("--max-windows", type=int, default=None, help="default: the config's")
-    p.add_argument("--metric", default="wiki-tail", help="the config's perplexity evaluation")
-    p.add_argument("--threads", type=int, default=1, help="torch/OMP threads of every process")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    owl.add_run_args(p)
     p.add_argument("--no-peer", action="store_true", help="skip llm-compressor (unless reused)")
     p.add_argument(
         "--reuse-peer",
@@ -228,9 +192,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         metavar="JSON",
         help="bench_owl.py result files whose llm-compressor records to reuse where comparable",
     )
-    p.add_argument("--peer-venv", default=str(REPO / ".venv-peer"))
-    p.add_argument("--no-install", action="store_true", help="fail instead of creating the venv")
-    p.add_argument("--workdir", default=None, help="where runs go (default: a temporary dir)")
     p.add_argument("--keep", action="store_true", help="keep every pruned model")
     p.add_argument(
         "--out-dir",
@@ -365,7 +326,7 @@ def ours_step(
     """One `rose run` of the chunk (uniform: --methods; owl: --owl-methods); its records."""
     import torch
     import yaml
-    from bench_peer import _timed, check_pruned
+    from bench_peer import OURS_WRAPPER, _timed, check_pruned
 
     from rose import config as rose_config
     from rose.artifacts import read_json
@@ -394,7 +355,16 @@ def ours_step(
     config_file = setup.workdir / f"{run}.yaml"
     config_file.write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
     result = setup.workdir / f"{run}.json"
-    cmd = [sys.executable, "-c", OURS_TIMED, str(result), "run", "-q", "--config", str(config_file)]
+    cmd = [
+        sys.executable,
+        "-c",
+        OURS_WRAPPER,
+        str(result),
+        "run",
+        "-q",
+        "--config",
+        str(config_file),
+    ]
     # A resumed `rose run` times only the steps it ran: an earlier finished invocation's
     # timings (the same run directory, so the same config) are kept and added.
     earlier = json.loads(result.read_text()) if result.exists() else {}

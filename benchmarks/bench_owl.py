@@ -181,22 +181,8 @@ def peer_owl_main(argv: list[str]) -> None:
 # ---------------------------------------------------------------- arguments
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--config",
-        default=str(REPO / "config/config.yaml"),
-        help="model, calibration, prune and evaluation settings (default config/config.yaml)",
-    )
-    p.add_argument(
-        "--sparsity", nargs="+", type=float, default=[0.6, 0.7, 0.8], help="default 0.6 0.7 0.8"
-    )
-    p.add_argument(
-        "--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration seeds (default 0 1 2)"
-    )
-    p.add_argument(
-        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all three"
-    )
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The protocol and process options bench_owl.py and bench_admm.py share."""
     p.add_argument(
         "--layers", default="all", help="prune the first N decoder layers, or 'all' (default)"
     )
@@ -213,7 +199,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL lambda (default 0.08)")
     p.add_argument("--threads", type=int, default=1, help="torch/OMP threads of every process")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default cpu")
-    p.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
     p.add_argument(
         "--peer-venv",
         default=str(REPO / ".venv-peer"),
@@ -225,6 +210,26 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--workdir", default=None, help="where runs go (default: a temporary dir under results/)"
     )
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--config",
+        default=str(REPO / "config/config.yaml"),
+        help="model, calibration, prune and evaluation settings (default config/config.yaml)",
+    )
+    p.add_argument(
+        "--sparsity", nargs="+", type=float, default=[0.6, 0.7, 0.8], help="default 0.6 0.7 0.8"
+    )
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration seeds (default 0 1 2)"
+    )
+    p.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all three"
+    )
+    add_run_args(p)
+    p.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
     p.add_argument(
         "--keep",
         action="store_true",

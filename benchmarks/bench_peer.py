@@ -90,12 +90,22 @@ def _thread_env(threads: int, device: str) -> dict[str, str]:
     return env
 
 
-# Our side: rose.cli.main in a process with fixed threads, reporting its own peak RSS.
+# Our side: rose.cli.main in a process with fixed threads, reporting its own peak RSS and, when
+# the CLI ran the in-process runner, the runner's own per-step timings (stage, variant, seconds).
 OURS_WRAPPER = """
 import json, os, sys, time
+from dataclasses import asdict
 started = time.perf_counter()
 import torch
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+import rose.runner
+timings = []
+_run = rose.runner.run
+def run(*args, **kwargs):
+    result = _run(*args, **kwargs)
+    timings.extend(asdict(t) for t in result.timings)
+    return result
+rose.runner.run = run
 from rose.cli import main
 code = main(sys.argv[2:])
 hwm = 0.0
@@ -105,7 +115,7 @@ for line in open("/proc/self/status"):
 with open(sys.argv[1], "w") as f:
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     json.dump({"rc": code, "rss_mb": hwm, "gpu_mb": gpu, "threads": torch.get_num_threads(),
-               "inner_seconds": time.perf_counter() - started}, f)
+               "inner_seconds": time.perf_counter() - started, "timings": timings}, f)
 sys.exit(code)
 """
 
