@@ -325,10 +325,8 @@ def ours_step(
 ) -> list[dict[str, Any]]:
     """One `rose run` of the chunk (uniform: --methods; owl: --owl-methods); its records."""
     import torch
-    import yaml
-    from bench_peer import OURS_WRAPPER, _timed, check_pruned
+    from bench_peer import check_pruned
 
-    from rose import config as rose_config
     from rose.artifacts import read_json
     from rose.layout import RunLayout
 
@@ -351,26 +349,12 @@ def ours_step(
         allocation=[alloc],
         prune=prune,
     )
-    cfg = rose_config.from_dict(cfg_dict)  # a bad config stops here, before any process
-    config_file = setup.workdir / f"{run}.yaml"
-    config_file.write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
-    result = setup.workdir / f"{run}.json"
-    cmd = [
-        sys.executable,
-        "-c",
-        OURS_WRAPPER,
-        str(result),
-        "run",
-        "-q",
-        "--config",
-        str(config_file),
-    ]
     # A resumed `rose run` times only the steps it ran: an earlier finished invocation's
     # timings (the same run directory, so the same config) are kept and added.
+    result = setup.workdir / f"{run}.json"
     earlier = json.loads(result.read_text()) if result.exists() else {}
     earlier_timings = earlier.get("timings", []) if earlier.get("rc") == 0 else []
-    print(f"{NAME}: {run}: rose run, {len(cfg.variants)} variants ...", file=sys.stderr)
-    wall = _timed(cmd, setup.env, setup.workdir / f"{run}.log")
+    cfg, result, wall = owl.run_ours(setup, cfg_dict, run, NAME)
     latest = json.loads(result.read_text())
     timings = earlier_timings + latest["timings"]
     if earlier_timings:

@@ -462,17 +462,23 @@ def capture_tokens(cfg_dict: dict[str, Any], workdir: Path, seed: int) -> torch.
     return read_tokens(cfg.run_dir)
 
 
-def run_ours(setup: Setup, cfg_dict: dict[str, Any], seed: int) -> tuple[Path, float]:
-    """One `python -m rose run --config <generated yaml>` for the seed; its run dir and wall time."""
+def run_ours(
+    setup: Setup, cfg_dict: dict[str, Any], run: str, tool: str
+) -> tuple[Any, Path, float]:
+    """`python -m rose run` on cfg_dict, saved as <run>.yaml in the workdir.
+
+    Returns the parsed config, the wrapper's result file <run>.json (rc and the runner's
+    step timings) and the wall time; bench_owl and bench_admm both launch through here.
+    """
     import yaml
     from bench_peer import OURS_WRAPPER, _timed
 
     from rose import config as rose_config
 
     cfg = rose_config.from_dict(cfg_dict)  # a bad config stops here, before any process
-    config_file = setup.workdir / f"ours-seed{seed}.yaml"
+    config_file = setup.workdir / f"{run}.yaml"
     config_file.write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
-    result = setup.workdir / f"ours-seed{seed}.json"
+    result = setup.workdir / f"{run}.json"
     cmd = [
         sys.executable,
         "-c",
@@ -483,9 +489,9 @@ def run_ours(setup: Setup, cfg_dict: dict[str, Any], seed: int) -> tuple[Path, f
         "--config",
         str(config_file),
     ]
-    print(f"bench_owl: seed {seed}: rose run, {len(cfg.variants)} variants ...", file=sys.stderr)
-    wall = _timed(cmd, setup.env, setup.workdir / f"ours-seed{seed}.log")
-    return cfg.run_dir, wall
+    print(f"{tool}: {run}: rose run, {len(cfg.variants)} variants ...", file=sys.stderr)
+    wall = _timed(cmd, setup.env, setup.workdir / f"{run}.log")
+    return cfg, result, wall
 
 
 def our_records(setup: Setup, run_dir: Path, seed: int, scorer: Scorer) -> list[dict[str, Any]]:
@@ -1049,7 +1055,8 @@ def run_seed(
     cfg_dict = run_config(given, setup.args, seed, setup.dense_dir, setup.workdir)
     tokens = capture_tokens(cfg_dict, setup.workdir, seed)
     meta["calibration"]["tokens_sha"][str(seed)] = sha(tokens)
-    run_dir, wall = run_ours(setup, cfg_dict, seed)
+    cfg, _, wall = run_ours(setup, cfg_dict, f"ours-seed{seed}", "bench_owl")
+    run_dir = cfg.run_dir
     if not torch.equal(read_tokens(run_dir), tokens):
         sys.exit(f"bench_owl: {run_dir} calibrated on other tokens than the seed's capture")
     records = our_records(setup, run_dir, seed, scorer)
