@@ -527,9 +527,12 @@ def fresh_chunk(bench: Bench, seed: int, sparsity: str) -> dict[str, Any]:
 
 
 def resumable(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Why an incomplete chunk file cannot be continued (empty: it can)."""
+    """Why a chunk file cannot be continued (empty: it can). OWL methods may be added to a
+    chunk whose OWL run has not been done yet: its other runs do not depend on them."""
     keys = [k for k in COMPARABLE if k != "dense_ppl"]
-    keys += ["methods", "owl_methods", "seed", "sparsity"]
+    keys += ["methods", "seed", "sparsity"]
+    if "ours-owl" in old["meta"]["steps_done"]:
+        keys.append("owl_methods")
     out = [k for k in keys if old["meta"].get(k) != new["meta"].get(k)]
     if not same_ppl(old["meta"].get("dense_ppl"), new["meta"].get("dense_ppl")):
         out.append("dense_ppl")
@@ -540,16 +543,21 @@ def resumable(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-def is_complete(path: Path) -> bool:
+def is_complete(path: Path, owl_wanted: bool = False) -> bool:
+    """The chunk is finished, and has its OWL run where one is wanted (--owl, unstructured)."""
     try:
-        return bool(json.loads(path.read_text())["meta"].get("complete"))
+        meta = json.loads(path.read_text())["meta"]
+        lacks_owl = (
+            owl_wanted and not is_nm(meta["sparsity"]) and "ours-owl" not in meta["steps_done"]
+        )
+        return bool(meta.get("complete")) and not lacks_owl
     except (OSError, ValueError, KeyError):
         return False
 
 
 def run_chunk(bench: Bench, seed: int, sparsity: str, path: Path) -> None:
     a = bench.args
-    if is_complete(path) and not a.force:
+    if is_complete(path, a.owl) and not a.force:
         print(f"{NAME}: {path} is complete; skipped (--force redoes it)", file=sys.stderr)
         return
     if seed not in bench.tokens:
@@ -569,8 +577,12 @@ def run_chunk(bench: Bench, seed: int, sparsity: str, path: Path) -> None:
     if path.exists():
         old = json.loads(path.read_text())
         why = resumable(old, chunk)
-        if not old["meta"].get("complete") and not why:
+        if not why and not a.force:  # unfinished, or finished without the OWL run now asked for
             chunk = old
+            meta, command = chunk["meta"], bench.base_meta["command"]
+            if command not in meta["command"].split(" ; "):
+                meta["command"] += f" ; {command}"  # every invocation that added to the chunk
+            meta.update(complete=False, owl_methods=list(bench.base_meta["owl_methods"]))
             print(f"{NAME}: {path}: continuing after {old['meta']['steps_done']}", file=sys.stderr)
         elif why:
             print(f"{NAME}: {path}: starting again ({', '.join(why)} changed)", file=sys.stderr)
@@ -617,7 +629,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> list[Path]:
 
     out_dir = Path(args.out_dir).resolve()
     paths = [chunk_path(out_dir, s, seed) for s in args.sparsity for seed in args.seeds]
-    if not args.force and all(is_complete(p) for p in paths):
+    if not args.force and all(is_complete(p, args.owl) for p in paths):
         print(f"{NAME}: every chunk is complete already (--force redoes them)", file=sys.stderr)
         return paths
     peer_python = None

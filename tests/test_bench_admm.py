@@ -125,6 +125,25 @@ def test_a_chunk_resumes_only_under_the_same_protocol() -> None:
     assert ba.resumable(old, new) == ["admm", "calibration"]
 
 
+def test_an_owl_run_may_be_added_to_a_finished_chunk_once(tmp_path: Path) -> None:
+    old = recorded("bench_admm_0.7_seed1.json")
+    assert old["meta"]["complete"] and old["meta"]["owl_methods"] == []
+    path = tmp_path / "chunk.json"
+    path.write_text(json.dumps(old))
+    assert ba.is_complete(path) and not ba.is_complete(path, owl_wanted=True)
+    new = copy.deepcopy(old)
+    new["meta"]["owl_methods"] = ["sparsegpt", "admm"]
+    assert ba.resumable(old, new) == []  # no OWL run yet: the methods may be chosen now
+    old["meta"]["steps_done"].append("ours-owl")
+    old["meta"]["owl_methods"] = ["sparsegpt"]
+    path.write_text(json.dumps(old))
+    assert ba.is_complete(path, owl_wanted=True)
+    assert ba.resumable(old, new) == ["owl_methods"]  # done with other methods: start again
+    nm = recorded("bench_admm_2of4_seed0.json")
+    path.write_text(json.dumps(nm))
+    assert ba.is_complete(path, owl_wanted=True)  # no OWL at N:M
+
+
 def test_llm_compressor_runs_are_reused_only_on_the_same_tokens_and_windows() -> None:
     ours = recorded("bench_admm_0.7_seed1.json")["meta"]
     theirs = copy.deepcopy(ours)
