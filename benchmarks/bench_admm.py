@@ -912,6 +912,53 @@ def cost_table(runs: list[dict[str, Any]]) -> str:
     return table(rows, columns)
 
 
+def summary_label(key: RowKey) -> str:
+    tool, method, allocation = key
+    name = "llm-compressor SparseGPT" if tool == PEER else method
+    return name + (", OWL" if allocation == OWL else "")
+
+
+def summary_table(runs: list[dict[str, Any]]) -> str:
+    """The README's table: per variant and sparsity the seed mean and each seed's value; the
+    lowest of each column in bold; a row run on fewer seeds than the column names its own."""
+    from common import table
+
+    b, labels = by_seed(runs), labels_of(runs)
+    seeds = {s: sorted({r["seed"] for r in runs if r["sparsity"] == s}) for s in labels}
+    means = {
+        (key, s): statistics.fmean(ppl_of(r) for r in b[(*key, s)].values())
+        for key in row_keys(runs)
+        for s in labels
+        if (*key, s) in b
+    }
+    best = {s: min(v for (_, t), v in means.items() if t == s) for s in labels}
+    rows = []
+    for key in row_keys(runs):
+        cells = []
+        for s in labels:
+            found = b.get((*key, s))
+            if not found:
+                cells.append("")
+                continue
+            mean = f"{means[(key, s)]:.2f}"
+            text = f"**{mean}**" if means[(key, s)] == best[s] else mean
+            if len(found) > 1:
+                mine = sorted(found)
+                own = "" if mine == seeds[s] else f"seeds {'/'.join(map(str, mine))}: "
+                text += f" ({own}{' / '.join(f'{ppl_of(found[k]):.2f}' for k in mine)})"
+            elif sorted(found) != seeds[s]:
+                text += f" (seed {next(iter(found))})"
+            cells.append(text)
+        rows.append([summary_label(key), *cells])
+
+    def column(s: str) -> str:
+        name = s if is_nm(s) else f"{round(100 * float(s))}%"
+        many = len(seeds[s]) > 1
+        return f"{name} (seed{'s' if many else ''} {'/'.join(map(str, seeds[s]))}{': mean' if many else ''})"
+
+    return table(rows, ["variant", *(column(s) for s in labels)])
+
+
 # ---------------------------------------------------------------- targets
 
 
@@ -1171,6 +1218,8 @@ def report(datas: list[dict[str, Any]], names: list[str]) -> None:
             print(
                 f"\nnote: at {s} the best ADMM variant is {best[0]}, the OWL runs are of {owl_run}"
             )
+    print("\nSummary (the README's table; seed mean, then each seed's value):\n")
+    print(summary_table(runs))
     print("\nTargets (issue 22; seed means, a diverged seed counts as infinite perplexity):")
     print("\n".join(target_lines(runs)))
 
