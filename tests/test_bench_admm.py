@@ -92,12 +92,37 @@ def test_timing_check_leaves_out_a_seed_whose_sparsegpt_seconds_disagree() -> No
     # (agrees); seed 2: 100 s (5x: the machine was busy), so its times are not trusted
     runs = seed(0, 20.0) + seed(1, 25.0) + seed(2, 100.0)
     b = ba.by_seed(runs)
-    assert ba.timing_suspects(b) == {(ba.UNIFORM, "0.7"): {2: 5.0}}
+    suspects = ba.timing_suspects(b)
+    assert list(suspects) == [(ba.UNIFORM, "0.7")] and list(suspects[(ba.UNIFORM, "0.7")]) == [2]
+    assert "prune seconds are 5.00x the SparseGPT sweep" in suspects[(ba.UNIFORM, "0.7")][2]
     lines = ba.target_time(b)
     assert any("left out: seed 2 at 0.7" in line for line in lines)
     # admm's run over the trusted seeds 0 and 1: (150 + 500) / 2 = 325 s against 100 s
     assert "  (5) admm-0.7 run 325.0 s vs sparsegpt 100.0 s = 3.25x: MISS" in lines
     assert lines[0].startswith("(5)") and "MISS (1 of 2)" in lines[0]
+
+
+def test_a_seed_whose_run_resumed_a_killed_one_is_not_timed() -> None:
+    """The runner times only the steps it ran: a variant finished before the kill shows a
+    few seconds, which would make every ADMM variant look slow against it."""
+    runs = [
+        record("sparsegpt", 0, 100.0, prune_s=20.0, run_s=100.0, timed_layers=30),
+        record("admm", 0, 60.0, prune_s=120.0, solver_s=100.0, run_s=150.0, timed_layers=30),
+        record("sparsegpt", 1, 100.0, prune_s=20.0, run_s=5.0, timed_layers=2),
+        record("admm", 1, 60.0, prune_s=120.0, solver_s=100.0, run_s=150.0, timed_layers=30),
+    ]
+    b = ba.by_seed(runs)
+    suspects = ba.timing_suspects(b, layers=30)
+    assert (
+        "sparsegpt-0.7's run resumed a killed one and timed 2 of its 30"
+        in suspects[(ba.UNIFORM, "0.7")][1]
+    )
+    assert "  (5) admm-0.7 run 150.0 s vs sparsegpt 100.0 s = 1.50x: PASS" in ba.target_time(b, 30)
+    # two seeds, one timed: the seconds and ratios are seed 0's
+    assert (
+        "| 0.7 | admm | uniform | 2 | 1 | - | - | - | 120.0 | 100.0 | - | 150.0 | 6.00x | 1.50x |"
+        in (ba.cost_table(runs, 30))
+    )
 
 
 def recorded(name: str) -> dict[str, Any]:
