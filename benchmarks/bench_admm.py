@@ -725,6 +725,7 @@ def merge_chunks(datas: list[dict[str, Any]], names: list[str]) -> tuple[list[di
         for key in ("threads", "versions_main"):
             if meta.get(key) != first.get(key):
                 notes.append(f"{name}: {key} {meta.get(key)} (first file: {first.get(key)})")
+        notes += [f"{name}: {n}" for n in meta.get("notes", [])]
         if not meta.get("complete"):
             notes.append(f"{name}: incomplete, steps done: {', '.join(meta['steps_done'])}")
         for r in data["runs"]:
