@@ -925,7 +925,8 @@ def summary_label(key: RowKey) -> str:
 
 def summary_table(runs: list[dict[str, Any]]) -> str:
     """The README's table: per variant and sparsity the seed mean and each seed's value; the
-    lowest of each column in bold; a row run on fewer seeds than the column names its own."""
+    lowest of each column in bold; a row run on fewer seeds than the column names its own
+    (and is not bold: its mean is over other seeds)."""
     from common import table
 
     b, labels = by_seed(runs), labels_of(runs)
@@ -936,7 +937,9 @@ def summary_table(runs: list[dict[str, Any]]) -> str:
         for s in labels
         if (*key, s) in b
     }
-    best = {s: min(v for (_, t), v in means.items() if t == s) for s in labels}
+    # bold: the lowest mean among the rows run on every seed of the column (a comparable mean)
+    full = {(key, s): v for (key, s), v in means.items() if sorted(b[(*key, s)]) == seeds[s]}
+    best = {s: min((v for (_, t), v in full.items() if t == s), default=None) for s in labels}
     rows = []
     for key in row_keys(runs):
         cells = []
@@ -946,7 +949,7 @@ def summary_table(runs: list[dict[str, Any]]) -> str:
                 cells.append("")
                 continue
             mean = f"{means[(key, s)]:.2f}"
-            text = f"**{mean}**" if means[(key, s)] == best[s] else mean
+            text = f"**{mean}**" if full.get((key, s)) == best[s] else mean
             if len(found) > 1:
                 mine = sorted(found)
                 own = "" if mine == seeds[s] else f"seeds {'/'.join(map(str, mine))}: "

@@ -62,6 +62,17 @@ def test_target_one_needs_every_seed_lower_and_counts_a_diverged_seed_as_infinit
     assert ba.target_ratio(ba.by_seed(diverged), "0.7", 0.80, True, "(1)")[0].endswith("MISS")
 
 
+def test_the_summary_bolds_only_a_mean_over_every_seed_of_the_column() -> None:
+    runs = [record("sparsegpt", s, 100.0 + s) for s in (0, 1)]
+    runs += [record("admm", s, 60.0) for s in (0, 1)]
+    runs += [{**record("admm", 0, 50.0), "allocation": ba.OWL}]  # lower, but seed 0 only
+    table = ba.summary_table(runs)
+    assert "| 70% (seeds 0/1: mean) |" in table
+    assert "| admm | **60.00** (60.00 / 60.00) |" in table
+    assert "| admm, OWL | 50.00 (seed 0) |" in table
+    assert "| sparsegpt | 100.50 (100.00 / 101.00) |" in table
+
+
 def test_the_best_admm_variant_is_chosen_by_its_seed_mean() -> None:
     runs = [record("admm", 0, 80.0), record("admm", 1, 80.0)]
     runs += [record("rose+admm", 0, 60.0), record("rose+admm", 1, 110.0)]
