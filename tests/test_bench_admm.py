@@ -73,6 +73,17 @@ def test_the_summary_bolds_only_a_mean_over_every_seed_of_the_column() -> None:
     assert "| sparsegpt | 100.50 (100.00 / 101.00) |" in table
 
 
+def test_target_three_compares_on_every_seed_llm_compressor_ran() -> None:
+    peer = [{**record("x", s, 100.0), "tool": ba.PEER, "method": ba.PEER_METHOD} for s in (0, 1)]
+    for r in peer:
+        r["allocation"] = ba.OWL
+    runs = peer + [record("admm", s, 70.0) for s in (0, 1)]
+    runs += [{**record("admm", 0, 10.0), "allocation": ba.OWL}]  # seed 0 only: not comparable
+    line = ba.target_peer(ba.by_seed(runs))[0]
+    assert "(admm-0.7)" in line and "seeds 0/1: 70.00 vs 100.00 = 0.700x" in line
+    assert line.endswith("PASS")
+
+
 def test_the_best_admm_variant_is_chosen_by_its_seed_mean() -> None:
     runs = [record("admm", 0, 80.0), record("admm", 1, 80.0)]
     runs += [record("rose+admm", 0, 60.0), record("rose+admm", 1, 110.0)]
