@@ -206,8 +206,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="print the tables from these files; run nothing",
     )
     args = p.parse_args(argv)
-    if args.layers != "all" and not args.layers.isdigit():
-        p.error("--layers takes an integer or 'all'")
     if len(set(args.sparsity)) != len(args.sparsity):
         p.error("--sparsity lists a value twice")
     if REFERENCE not in args.methods:

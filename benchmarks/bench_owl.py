@@ -181,10 +181,19 @@ def peer_owl_main(argv: list[str]) -> None:
 # ---------------------------------------------------------------- arguments
 
 
+def layers_arg(text: str) -> str:
+    if text != "all" and not text.isdigit():
+        raise argparse.ArgumentTypeError("takes an integer or 'all'")
+    return text
+
+
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The protocol and process options bench_owl.py and bench_admm.py share."""
     p.add_argument(
-        "--layers", default="all", help="prune the first N decoder layers, or 'all' (default)"
+        "--layers",
+        default="all",
+        type=layers_arg,
+        help="prune the first N decoder layers, or 'all' (default)",
     )
     p.add_argument("--nsamples", type=int, default=None, help="default: the config's")
     p.add_argument("--seqlen", type=int, default=None, help="default: the config's")
@@ -248,8 +257,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="print the tables from this JSON (several: their seeds together); run nothing",
     )
     args = p.parse_args(argv)
-    if args.layers != "all" and not args.layers.isdigit():
-        p.error("--layers takes an integer or 'all'")
     if len(set(map(label, args.sparsity))) != len(args.sparsity):
         p.error("--sparsity lists a value twice")
     for s in args.sparsity:
