@@ -173,7 +173,7 @@ def test_a_chunk_resumes_only_under_the_same_protocol() -> None:
 
 
 def test_an_owl_run_may_be_added_to_a_finished_chunk_once(tmp_path: Path) -> None:
-    old = recorded("bench_admm_0.7_seed1.json")
+    old = recorded("bench_admm_0.7_seed2.json")  # a finished chunk without an OWL run
     assert old["meta"]["complete"] and old["meta"]["owl_methods"] == []
     path = tmp_path / "chunk.json"
     path.write_text(json.dumps(old))
