@@ -349,10 +349,10 @@ def ours_step(
     )
     # A resumed `rose run` times only the steps it ran: an earlier finished invocation's
     # timings (the same run directory, so the same config) are kept and added.
-    result = setup.workdir / f"{run}.json"
+    result = owl.ours_result(setup, run)
     earlier = json.loads(result.read_text()) if result.exists() else {}
     earlier_timings = earlier.get("timings", []) if earlier.get("rc") == 0 else []
-    cfg, result, wall = owl.run_ours(setup, cfg_dict, run, NAME)
+    cfg, wall = owl.run_ours(setup, cfg_dict, run, NAME)
     latest = json.loads(result.read_text())
     timings = earlier_timings + latest["timings"]
     if earlier_timings:

@@ -469,14 +469,14 @@ def capture_tokens(cfg_dict: dict[str, Any], workdir: Path, seed: int) -> torch.
     return read_tokens(cfg.run_dir)
 
 
-def run_ours(
-    setup: Setup, cfg_dict: dict[str, Any], run: str, tool: str
-) -> tuple[Any, Path, float]:
-    """`python -m rose run` on cfg_dict, saved as <run>.yaml in the workdir.
+def ours_result(setup: Setup, run: str) -> Path:
+    """The wrapper's result file of run_ours: its rc and the runner's step timings."""
+    return setup.workdir / f"{run}.json"
 
-    Returns the parsed config, the wrapper's result file <run>.json (rc and the runner's
-    step timings) and the wall time; bench_owl and bench_admm both launch through here.
-    """
+
+def run_ours(setup: Setup, cfg_dict: dict[str, Any], run: str, tool: str) -> tuple[Any, float]:
+    """`python -m rose run` on cfg_dict, saved as <run>.yaml in the workdir; the parsed config
+    and the wall time. bench_owl and bench_admm both launch through here."""
     import yaml
     from bench_peer import OURS_WRAPPER, _timed
 
@@ -485,12 +485,11 @@ def run_ours(
     cfg = rose_config.from_dict(cfg_dict)  # a bad config stops here, before any process
     config_file = setup.workdir / f"{run}.yaml"
     config_file.write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
-    result = setup.workdir / f"{run}.json"
     cmd = [
         sys.executable,
         "-c",
         OURS_WRAPPER,
-        str(result),
+        str(ours_result(setup, run)),
         "run",
         "-q",
         "--config",
@@ -498,7 +497,7 @@ def run_ours(
     ]
     print(f"{tool}: {run}: rose run, {len(cfg.variants)} variants ...", file=sys.stderr)
     wall = _timed(cmd, setup.env, setup.workdir / f"{run}.log")
-    return cfg, result, wall
+    return cfg, wall
 
 
 def our_records(setup: Setup, run_dir: Path, seed: int, scorer: Scorer) -> list[dict[str, Any]]:
@@ -1062,7 +1061,7 @@ def run_seed(
     cfg_dict = run_config(given, setup.args, seed, setup.dense_dir, setup.workdir)
     tokens = capture_tokens(cfg_dict, setup.workdir, seed)
     meta["calibration"]["tokens_sha"][str(seed)] = sha(tokens)
-    cfg, _, wall = run_ours(setup, cfg_dict, f"ours-seed{seed}", "bench_owl")
+    cfg, wall = run_ours(setup, cfg_dict, f"ours-seed{seed}", "bench_owl")
     run_dir = cfg.run_dir
     if not torch.equal(read_tokens(run_dir), tokens):
         sys.exit(f"bench_owl: {run_dir} calibrated on other tokens than the seed's capture")
