@@ -28,11 +28,15 @@ own JSON file `<out-dir>/bench_admm_<sparsity>_seed<seed>.json` (0.7 ->
    their hash, batch size, OWL m/lambda, blocksize/percdamp; every difference
    is printed and recorded, and such a record is then not reused).
 The chunk's JSON is rewritten atomically after each of steps 2-4, with the
-steps done; a chunk whose file says `complete` is skipped on the next call
-(`--force` redoes it), an incomplete one continues after its last finished
-step (the same `--workdir` also lets a killed `rose run` resume its run
-directory). So the benchmark can be run across sessions, a chunk at a time,
-and `--from-json` prints every table from all the files given.
+steps done; a chunk whose file says `complete` and holds every method asked is
+skipped on the next call (`--force` redoes it), an incomplete one continues
+after its last finished step (the same `--workdir` also lets a killed `rose
+run` resume its run directory), and a finished one that lacks methods now
+asked for (`--methods`, or `--owl-methods` with `--owl`) gets one more `rose
+run` of just those, on the same tokens (run `...-add-<methods>`; the variants'
+numbers do not depend on which others share a run, and its shared steps are
+timed again for them). So the benchmark can be run across sessions, a chunk at
+a time, and `--from-json` prints every table from all the files given.
 
 Per variant the JSON has the perplexity, the zero fraction check, each
 Linear's reconstruction error (`reconstruction_error`; for refits also
@@ -208,6 +212,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if len(set(args.sparsity)) != len(args.sparsity):
         p.error("--sparsity lists a value twice")
+    for flag, listed in (("--methods", args.methods), ("--owl-methods", args.owl_methods)):
+        if len(set(listed)) != len(listed):
+            p.error(f"{flag} lists a method twice")
     if REFERENCE not in args.methods:
         p.error(f"--methods must include {REFERENCE} (the paired reference)")
     if args.owl and not any(not is_nm(s) for s in args.sparsity):
@@ -318,10 +325,49 @@ class Bench:
     rescored: bool = False
 
 
+def recorded_methods(chunk: dict[str, Any], allocation: str) -> list[str]:
+    """Our methods the chunk already has a record of under this allocation."""
+    return [
+        r["method"] for r in chunk["runs"] if r["tool"] == OURS and r["allocation"] == allocation
+    ]
+
+
+def missing_runs(
+    chunk: dict[str, Any], sparsity: str, methods: Sequence[str], owl_methods: Sequence[str]
+) -> list[tuple[str, list[str]]]:
+    """The `rose run`s a chunk still lacks: per allocation, the wanted methods it has no record
+    of, in the order asked. So a finished chunk can gain methods without redoing the others."""
+    wanted = {UNIFORM: list(methods), OWL: [] if is_nm(sparsity) else list(owl_methods)}
+    out = []
+    for allocation, asked in wanted.items():
+        have = set(recorded_methods(chunk, allocation))
+        missing = [m for m in asked if m not in have]
+        if missing:
+            out.append((allocation, missing))
+    return out
+
+
+def run_name(
+    chunk: dict[str, Any], allocation: str, sparsity: str, seed: int, methods: list[str]
+) -> tuple[str, str]:
+    """The first run of an allocation has the plain name; a later one, adding methods, names
+    them, so each has its own run directory (a killed one resumes in it)."""
+    name = f"admm-{allocation}-{target_label(sparsity)}-seed{seed}"
+    if not recorded_methods(chunk, allocation):
+        return name, f"ours-{allocation}"
+    added = "-".join(m.replace("+", "_") for m in methods)
+    return f"{name}-add-{added}", f"ours-{allocation} ({', '.join(methods)})"
+
+
 def ours_step(
-    bench: Bench, chunk: dict[str, Any], seed: int, sparsity: str, allocation: str
+    bench: Bench,
+    chunk: dict[str, Any],
+    seed: int,
+    sparsity: str,
+    allocation: str,
+    methods: list[str],
 ) -> list[dict[str, Any]]:
-    """One `rose run` of the chunk (uniform: --methods; owl: --owl-methods); its records."""
+    """One `rose run` of these methods of the chunk at this allocation; its records."""
     import torch
     from bench_peer import check_pruned
 
@@ -329,12 +375,11 @@ def ours_step(
     from rose.layout import RunLayout
 
     a, setup = bench.args, bench.setup
-    methods = list(a.methods if allocation == UNIFORM else a.owl_methods)
+    run, step = run_name(chunk, allocation, sparsity, seed, methods)
     alloc: Any = UNIFORM
     if allocation == OWL:
         alloc = {"kind": OWL, "m": a.owl_m, "lambda": a.owl_lambda}
     prune = {"admm": a.admm_overrides} if a.admm_overrides else None
-    run = f"admm-{allocation}-{target_label(sparsity)}-seed{seed}"
     cfg_dict = owl.pipeline_config(
         bench.given,
         a,
@@ -347,17 +392,12 @@ def ours_step(
         allocation=[alloc],
         prune=prune,
     )
-    # A resumed `rose run` times only the steps it ran: an earlier finished invocation's
-    # timings (the same run directory, so the same config) are kept and added.
-    result = owl.ours_result(setup, run)
-    earlier = json.loads(result.read_text()) if result.exists() else {}
-    earlier_timings = earlier.get("timings", []) if earlier.get("rc") == 0 else []
     cfg, wall = owl.run_ours(setup, cfg_dict, run, NAME)
-    latest = json.loads(result.read_text())
-    timings = earlier_timings + latest["timings"]
-    if earlier_timings:
-        chunk["meta"].setdefault("timings_from_earlier_run", []).append(f"ours-{allocation}")
-        result.write_text(json.dumps({**latest, "timings": timings}))
+    # a resumed `rose run`: its timings include the steps the killed one had finished
+    result = json.loads(owl.ours_result(setup, run).read_text())
+    timings = result["timings"]
+    if result["timings_earlier"]:
+        chunk["meta"].setdefault("timings_from_earlier_run", []).append(step)
     layout = RunLayout(cfg.run_dir)
     if not torch.equal(owl.read_tokens(cfg.run_dir), bench.tokens[seed]):
         sys.exit(f"{NAME}: {cfg.run_dir} calibrated on other tokens than the seed's capture")
@@ -366,8 +406,8 @@ def ours_step(
         sys.exit(f"{NAME}: expected variants {names}, the config has {cfg.variants}")
     steps = step_seconds(timings, names)
     shared_s = round(sum(steps["shared"].values()), 2)
-    chunk["meta"]["wall_s"][f"ours-{allocation}"] = round(wall, 1)
-    chunk["meta"]["shared_s"][f"ours-{allocation}"] = steps["shared"]
+    chunk["meta"]["wall_s"][step] = round(wall, 1)
+    chunk["meta"]["shared_s"][step] = steps["shared"]
     records = []
     for method, name in zip(methods, names, strict=True):
         path = layout.perplexity(name, bench.scorer.spec.name)
@@ -384,6 +424,7 @@ def ours_step(
             "sparsity": sparsity,
             "seed": seed,
             "variant": name,
+            "run": run,  # variants of one run share its calibration and timing conditions
             "ppl": report["value"],
             "zeros": check_pruned(model, setup.dense_dir, setup.layers, sparsity),
             "layer_sparsity": owl.layer_zeros(model, setup.layers),
@@ -529,12 +570,10 @@ def fresh_chunk(bench: Bench, seed: int, sparsity: str) -> dict[str, Any]:
 
 
 def resumable(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Why a chunk file cannot be continued (empty: it can). OWL methods may be added to a
-    chunk whose OWL run has not been done yet: its other runs do not depend on them."""
+    """Why a chunk file cannot be continued (empty: it can). The methods are not compared:
+    a continued chunk runs only the methods it has no record of (missing_runs)."""
     keys = [k for k in COMPARABLE if k != "dense_ppl"]
-    keys += ["methods", "seed", "sparsity"]
-    if "ours-owl" in old["meta"]["steps_done"]:
-        keys.append("owl_methods")
+    keys += ["seed", "sparsity"]
     out = [k for k in keys if old["meta"].get(k) != new["meta"].get(k)]
     if not same_ppl(old["meta"].get("dense_ppl"), new["meta"].get("dense_ppl")):
         out.append("dense_ppl")
@@ -545,21 +584,34 @@ def resumable(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-def is_complete(path: Path, owl_wanted: bool = False) -> bool:
-    """The chunk is finished, and has its OWL run where one is wanted (--owl, unstructured)."""
+def is_complete(
+    path: Path, methods: Sequence[str], owl_methods: Sequence[str] = (), peer: bool = False
+) -> bool:
+    """The chunk is finished and has a record of every method asked (OWL: unstructured only)
+    and, when llm-compressor may be run (`peer`), its runs."""
     try:
-        meta = json.loads(path.read_text())["meta"]
-        lacks_owl = (
-            owl_wanted and not is_nm(meta["sparsity"]) and "ours-owl" not in meta["steps_done"]
+        data = json.loads(path.read_text())
+        meta = data["meta"]
+        sparsity = meta["sparsity"]
+        peers = ["peer-uniform"] + ([] if is_nm(sparsity) else ["peer-owl"])
+        lacks_peer = peer and any(step not in meta["steps_done"] for step in peers)
+        return (
+            bool(meta.get("complete"))
+            and not missing_runs(data, sparsity, methods, owl_methods)
+            and not lacks_peer
         )
-        return bool(meta.get("complete")) and not lacks_owl
     except (OSError, ValueError, KeyError):
         return False
 
 
+def union(first: Sequence[str], then: Sequence[str]) -> list[str]:
+    return [*first, *(m for m in then if m not in first)]
+
+
 def run_chunk(bench: Bench, seed: int, sparsity: str, path: Path) -> None:
     a = bench.args
-    if is_complete(path, a.owl) and not a.force:
+    owl_methods = a.owl_methods if a.owl else []
+    if is_complete(path, a.methods, owl_methods, peer=not a.no_peer) and not a.force:
         print(f"{NAME}: {path} is complete; skipped (--force redoes it)", file=sys.stderr)
         return
     if seed not in bench.tokens:
@@ -579,32 +631,34 @@ def run_chunk(bench: Bench, seed: int, sparsity: str, path: Path) -> None:
     if path.exists():
         old = json.loads(path.read_text())
         why = resumable(old, chunk)
-        if not why and not a.force:  # unfinished, or finished without the OWL run now asked for
+        if not why and not a.force:  # unfinished, or finished without methods now asked for
             chunk = old
             meta, command = chunk["meta"], bench.base_meta["command"]
             if command not in meta["command"].split(" ; "):
                 meta["command"] += f" ; {command}"  # every invocation that added to the chunk
-            meta.update(complete=False, owl_methods=list(bench.base_meta["owl_methods"]))
+            meta.update(
+                complete=False,
+                methods=union(meta["methods"], a.methods),
+                owl_methods=union(meta["owl_methods"], owl_methods),
+            )
             print(f"{NAME}: {path}: continuing after {old['meta']['steps_done']}", file=sys.stderr)
         elif why:
             print(f"{NAME}: {path}: starting again ({', '.join(why)} changed)", file=sys.stderr)
     unstructured = not is_nm(sparsity)
-    plan = [
-        ("ours-uniform", lambda: ours_step(bench, chunk, seed, sparsity, UNIFORM)),
-        ("ours-owl", lambda: ours_step(bench, chunk, seed, sparsity, OWL) if a.owl else None),
-        ("peer-uniform", lambda: peer_step(bench, chunk, seed, sparsity, UNIFORM)),
-        (
-            "peer-owl",
-            lambda: peer_step(bench, chunk, seed, sparsity, OWL) if unstructured else None,
-        ),
-    ]
     if a.owl and not unstructured:
         print(f"{NAME}: no OWL at {sparsity} (N:M)", file=sys.stderr)
-    for step, do in plan:
+    for allocation, methods in missing_runs(chunk, sparsity, a.methods, owl_methods):
+        step = run_name(chunk, allocation, sparsity, seed, methods)[1]
+        chunk["runs"] += ours_step(bench, chunk, seed, sparsity, allocation, methods)
+        chunk["meta"]["steps_done"].append(step)
+        chunk["meta"]["header"] = _header()
+        owl.write_json(path, chunk)
+    peers = [("peer-uniform", UNIFORM)] + ([("peer-owl", OWL)] if unstructured else [])
+    for step, allocation in peers:
         if step in chunk["meta"]["steps_done"]:
             continue
-        records = do()
-        if records is None:
+        records = peer_step(bench, chunk, seed, sparsity, allocation)
+        if records is None:  # --no-peer and nothing to reuse: a later call may run it
             continue
         chunk["runs"] += records
         chunk["meta"]["steps_done"].append(step)
@@ -631,7 +685,9 @@ def run_benchmark(args: argparse.Namespace, command: str) -> list[Path]:
 
     out_dir = Path(args.out_dir).resolve()
     paths = [chunk_path(out_dir, s, seed) for s in args.sparsity for seed in args.seeds]
-    if not args.force and all(is_complete(p, args.owl) for p in paths):
+    owl_methods = args.owl_methods if args.owl else []
+    done = [is_complete(p, args.methods, owl_methods, peer=not args.no_peer) for p in paths]
+    if not args.force and all(done):
         print(f"{NAME}: every chunk is complete already (--force redoes them)", file=sys.stderr)
         return paths
     peer_python = None

@@ -474,11 +474,19 @@ def ours_result(setup: Setup, run: str) -> Path:
     return setup.workdir / f"{run}.json"
 
 
-def run_ours(setup: Setup, cfg_dict: dict[str, Any], run: str, tool: str) -> tuple[Any, float]:
-    """`python -m rose run` on cfg_dict, saved as <run>.yaml in the workdir; the parsed config
-    and the wall time. bench_owl and bench_admm both launch through here."""
+def ours_step_log(setup: Setup, run: str) -> Path:
+    """Each finished step's timing, appended by the wrapper as it ends: across invocations of
+    one run directory, so a resumed run's timings include what a killed one had finished."""
+    return setup.workdir / f"{run}.steps.jsonl"
+
+
+def ours_command(
+    setup: Setup, cfg_dict: dict[str, Any], run: str
+) -> tuple[Any, list[str], dict[str, str]]:
+    """The parsed config, the wrapped `python -m rose run` command and its environment, the
+    config saved as <run>.yaml in the workdir."""
     import yaml
-    from bench_peer import OURS_WRAPPER, _timed
+    from bench_peer import OURS_WRAPPER
 
     from rose import config as rose_config
 
@@ -495,9 +503,41 @@ def run_ours(setup: Setup, cfg_dict: dict[str, Any], run: str, tool: str) -> tup
         "--config",
         str(config_file),
     ]
+    return cfg, cmd, {**setup.env, "BENCH_STEP_LOG": str(ours_step_log(setup, run))}
+
+
+def run_ours(setup: Setup, cfg_dict: dict[str, Any], run: str, tool: str) -> tuple[Any, float]:
+    """Run ours_command; the parsed config and the wall time. The result file's `timings` are
+    every step of the run directory, those of killed earlier invocations included
+    (`timings_earlier`: how many of them were). bench_owl and bench_admm both launch here."""
+    from bench_peer import _timed
+
+    cfg, cmd, env = ours_command(setup, cfg_dict, run)
+    step_log = ours_step_log(setup, run)
+    if not cfg.run_dir.exists():  # a fresh run: any log is of a finished, removed one
+        step_log.unlink(missing_ok=True)
+    earlier = read_step_log(step_log)
     print(f"{tool}: {run}: rose run, {len(cfg.variants)} variants ...", file=sys.stderr)
-    wall = _timed(cmd, setup.env, setup.workdir / f"{run}.log")
+    wall = _timed(cmd, env, setup.workdir / f"{run}.log")
+    result = json.loads(ours_result(setup, run).read_text())
+    every = read_step_log(step_log)
+    if every[len(earlier) :] != result["timings"]:
+        sys.exit(f"{tool}: {step_log} does not end with the run's own step timings")
+    result.update(timings=every, timings_earlier=len(earlier))
+    write_json(ours_result(setup, run), result)
     return cfg, wall
+
+
+def read_step_log(path: Path) -> list[dict[str, Any]]:
+    """The wrapper's step log; a line cut short by a kill is dropped (its step was not done)."""
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
 
 
 def our_records(setup: Setup, run_dir: Path, seed: int, scorer: Scorer) -> list[dict[str, Any]]:

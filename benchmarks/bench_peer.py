@@ -100,12 +100,18 @@ import torch
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 import rose.runner
 timings = []
-_run = rose.runner.run
+_run, _step = rose.runner.run, rose.runner._timed
 def run(*args, **kwargs):
     result = _run(*args, **kwargs)
     timings.extend(asdict(t) for t in result.timings)
     return result
-rose.runner.run = run
+def step(cfg, step, result, *args, **kwargs):
+    # BENCH_STEP_LOG: each finished step's timing, appended at once, so a killed run keeps it
+    _step(cfg, step, result, *args, **kwargs)
+    if os.environ.get("BENCH_STEP_LOG"):
+        with open(os.environ["BENCH_STEP_LOG"], "a") as f:
+            f.write(json.dumps(asdict(result.timings[-1])) + "\\n")
+rose.runner.run, rose.runner._timed = run, step
 from rose.cli import main
 code = main(sys.argv[2:])
 hwm = 0.0

@@ -172,23 +172,51 @@ def test_a_chunk_resumes_only_under_the_same_protocol() -> None:
     assert ba.resumable(old, new) == ["admm", "calibration"]
 
 
-def test_an_owl_run_may_be_added_to_a_finished_chunk_once(tmp_path: Path) -> None:
-    old = recorded("bench_admm_0.7_seed2.json")  # a finished chunk without an OWL run
-    assert old["meta"]["complete"] and old["meta"]["owl_methods"] == []
+def test_a_finished_chunk_gains_only_the_methods_it_lacks(tmp_path: Path) -> None:
+    old = recorded("bench_admm_0.7_seed2.json")  # the seven uniform methods
+    old["runs"] = [r for r in old["runs"] if (r["tool"], r["allocation"]) != (ba.OURS, "owl")]
+    uniform = old["meta"]["methods"]
+    assert old["meta"]["complete"] and len(uniform) == 7
     path = tmp_path / "chunk.json"
     path.write_text(json.dumps(old))
-    assert ba.is_complete(path) and not ba.is_complete(path, owl_wanted=True)
-    new = copy.deepcopy(old)
-    new["meta"]["owl_methods"] = ["sparsegpt", "admm"]
-    assert ba.resumable(old, new) == []  # no OWL run yet: the methods may be chosen now
-    old["meta"]["steps_done"].append("ours-owl")
-    old["meta"]["owl_methods"] = ["sparsegpt"]
+    assert ba.is_complete(path, uniform) and ba.is_complete(path, ["sparsegpt", "admm"])
+    assert not ba.is_complete(path, uniform, ["sparsegpt", "admm"])
+    assert ba.missing_runs(old, "0.7", uniform, ["sparsegpt", "admm"]) == [
+        ("owl", ["sparsegpt", "admm"])
+    ]
+    assert ba.run_name(old, "owl", "0.7", 2, ["sparsegpt", "admm"]) == (
+        "admm-owl-0.7-seed2",
+        "ours-owl",
+    )
+    # the first OWL run is recorded with sparsegpt only: a later call adds admm in its own run
+    old["runs"].append({**old["runs"][0], "allocation": "owl", "method": "sparsegpt"})
     path.write_text(json.dumps(old))
-    assert ba.is_complete(path, owl_wanted=True)
-    assert ba.resumable(old, new) == ["owl_methods"]  # done with other methods: start again
+    assert ba.missing_runs(old, "0.7", uniform, ["sparsegpt", "admm"]) == [("owl", ["admm"])]
+    assert ba.run_name(old, "owl", "0.7", 2, ["admm"]) == (
+        "admm-owl-0.7-seed2-add-admm",
+        "ours-owl (admm)",
+    )
+    new = copy.deepcopy(old)
+    new["meta"]["methods"] = ["sparsegpt", "admm"]
+    assert ba.resumable(old, new) == []  # other methods: continued, not started again
+
+
+def test_methods_are_added_to_a_chunk_in_a_run_named_after_them(tmp_path: Path) -> None:
     nm = recorded("bench_admm_2of4_seed0.json")
+    asked = ["sparsegpt", "rose", "wanda+admm"]
+    lacking = [m for m in asked if m not in nm["meta"]["methods"]]
+    assert lacking, "the 2:4 chunk of seed 0 should not have every method"
+    assert ba.missing_runs(nm, "2:4", asked, ["sparsegpt"]) == [("uniform", lacking)]  # no OWL
+    run, step = ba.run_name(nm, "uniform", "2:4", 0, lacking)
+    assert run == "admm-uniform-2of4-seed0-add-" + "-".join(lacking).replace("+", "_")
+    assert step == f"ours-uniform ({', '.join(lacking)})"
+    path = tmp_path / "chunk.json"
     path.write_text(json.dumps(nm))
-    assert ba.is_complete(path, owl_wanted=True)  # no OWL at N:M
+    assert ba.is_complete(path, nm["meta"]["methods"], ["sparsegpt"])  # no OWL at N:M
+    assert "peer-uniform" not in nm["meta"]["steps_done"]  # run with --no-peer
+    assert not ba.is_complete(path, nm["meta"]["methods"], peer=True)  # llm-compressor to run
+    assert not ba.is_complete(path, asked)
+    assert ba.union(nm["meta"]["methods"], asked) == nm["meta"]["methods"] + lacking
 
 
 def test_llm_compressor_runs_are_reused_only_on_the_same_tokens_and_windows() -> None:
