@@ -275,3 +275,21 @@ def test_the_readme_admm_table_is_the_recorded_chunks() -> None:
             per_seed = [found[s]["ppl"] for s in sorted(found)]
             expected = [statistics.fmean(per_seed)] + (per_seed if len(per_seed) > 1 else [])
             assert values == pytest.approx(expected, abs=0.006), f"README {name} at {sparsity}"
+
+
+def test_plain_variants_equal_bench_owls_runs_of_the_same_seed_bit_for_bit() -> None:
+    """Both benchmarks run the pipeline on the same tokens and windows; a variant's result does
+    not depend on which variants share its run (a chunk's added methods run on their own)."""
+    theirs = {}
+    for path in sorted((REPO / "benchmarks/recorded").glob("bench_owl_*.json")):
+        for r in json.loads(path.read_text())["runs"]:
+            if r["tool"] == ba.OURS:
+                theirs[(r["variant"], r["seed"])] = r["ppl"]
+    compared = 0
+    for path in RECORDED:
+        for r in json.loads(path.read_text())["runs"]:
+            key = (r.get("variant"), r["seed"])
+            if r["tool"] == ba.OURS and key in theirs:
+                assert r["ppl"] == theirs[key], f"{path.name}: {key}"
+                compared += 1
+    assert compared >= 19
