@@ -911,6 +911,16 @@ def seed_mean_of(records: Iterable[dict[str, Any]], key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def paired_timing_seeds(recs: dict[Any, dict], ref: dict[Any, dict], off: dict[Any, str]) -> list:
+    """Seeds whose timings may be set against sparsegpt's: trusted, and from the same `rose
+    run` (the same machine conditions; a method added to a chunk later ran on its own)."""
+    return sorted(
+        seed
+        for seed in (set(recs) & set(ref)) - set(off)
+        if recs[seed].get("run") == ref[seed].get("run")
+    )
+
+
 def cost_table(runs: list[dict[str, Any]], layers: int | None = None) -> str:
     """Reconstruction errors and seconds per variant and sparsity (seed means)."""
     from common import table
@@ -926,13 +936,15 @@ def cost_table(runs: list[dict[str, Any]], layers: int | None = None) -> str:
             by = b[(tool, method, allocation, s)]
             recs = list(by.values())
             timed = [r for seed, r in by.items() if seed not in off]  # seconds: trusted seeds
-            ref = [
-                r
-                for seed, r in b.get((OURS, REFERENCE, allocation, s), {}).items()
-                if seed not in off
-            ]
             prune, run = seed_mean_of(timed, "prune_s"), seed_mean_of(timed, "run_s")
-            ref_prune, ref_run = seed_mean_of(ref, "prune_s"), seed_mean_of(ref, "run_s")
+            ref_by = b.get((OURS, REFERENCE, allocation, s), {})
+            pairs = paired_timing_seeds(by, ref_by, off)
+
+            def ratio(key: str) -> str:
+                mine = seed_mean_of((by[k] for k in pairs), key)
+                theirs = seed_mean_of((ref_by[k] for k in pairs), key)
+                return f"{mine / theirs:.2f}x" if mine and theirs else "-"
+
             checked = sum(r.get("refit_checked", 0) for r in recs)
             rows.append(
                 [
@@ -948,8 +960,8 @@ def cost_table(runs: list[dict[str, Any]], layers: int | None = None) -> str:
                     fmt(seed_mean_of(timed, "solver_s"), 1),
                     fmt(seed_mean_of(timed, "variant_s"), 1),
                     fmt(run, 1),
-                    f"{prune / ref_prune:.2f}x" if prune and ref_prune else "-",
-                    f"{run / ref_run:.2f}x" if run and ref_run else "-",
+                    ratio("prune_s"),
+                    ratio("run_s"),
                 ]
             )
     columns = [
@@ -1160,7 +1172,14 @@ def target_time(b: dict, layers: int | None = None, factor: float = 2.0) -> list
         if not ref:
             continue
         off = suspects.get((allocation, s), {})
-        seeds = sorted((set(recs) & set(ref)) - set(off))
+        seeds = paired_timing_seeds(recs, ref, off)
+        elsewhere = sorted(k for k in (set(recs) & set(ref)) - set(off) if k not in seeds)
+        if elsewhere:
+            detail.append(
+                f"  (5) {variant_name(method, allocation, s)}: seed(s) "
+                f"{', '.join(map(str, elsewhere))} timed in another rose run than sparsegpt's "
+                "(added to the chunk later): not set against it"
+            )
         # the issue's target is the whole run; the prune stage alone is shown beside it
         for what, key in (("run", "run_s"), ("prune stage (not a target)", "prune_s")):
             mine = seed_mean_of((recs[k] for k in seeds), key)
@@ -1275,7 +1294,9 @@ def report(datas: list[dict[str, Any]], names: list[str]) -> None:
         "Linears' prune seconds (solver included), solver s = the solver's part; variant "
         "steps s = the runner's seconds of the variant's own steps; run s = those plus the "
         "run's shared steps (calibration, dense statistics, allocation), a run of the variant "
-        "alone; seconds are means over the timed seeds (those target (5) trusts)\n"
+        "alone; seconds are means over the timed seeds (those target (5) trusts); the ratios "
+        "to sparsegpt are over the timed seeds where both ran in the same rose run (a method "
+        "added to a chunk later has none: '-')\n"
     )
     print(cost_table(runs, layers))
     b = by_seed(runs)

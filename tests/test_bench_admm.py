@@ -147,6 +147,26 @@ def test_a_seed_whose_run_resumed_a_killed_one_is_not_timed() -> None:
     )
 
 
+def test_a_method_added_to_a_chunk_later_is_not_timed_against_sparsegpts_run() -> None:
+    """Its run ran at another time, on another machine load: no ratio, no target (5) pair."""
+    first, added = "admm-uniform-0.7-seed0", "admm-uniform-0.7-seed0-add-wanda_admm"
+    runs = [
+        record("sparsegpt", 0, 100.0, prune_s=40.0, run_s=200.0, run=first),
+        record("admm", 0, 60.0, prune_s=120.0, solver_s=100.0, run_s=300.0, run=first),
+        record("wanda+admm", 0, 90.0, prune_s=20.0, solver_s=18.0, run_s=100.0, run=added),
+    ]
+    lines = ba.target_time(ba.by_seed(runs), 30)
+    assert "  (5) admm-0.7 run 300.0 s vs sparsegpt 200.0 s = 1.50x: PASS" in lines
+    assert not any(line.startswith("  (5) wanda+admm-0.7 run") for line in lines)
+    assert any("wanda+admm-0.7: seed(s) 0 timed in another rose run" in line for line in lines)
+    table = ba.cost_table(runs, 30)
+    assert (
+        "| 0.7 | wanda+admm | uniform | 1 | 1 | - | - | - | 20.0 | 18.0 | - | 100.0 | - | - |"
+        in (table)
+    )
+    assert "| 3.00x | 1.50x |" in table
+
+
 def recorded(name: str) -> dict[str, Any]:
     return json.loads((REPO / "benchmarks/recorded" / name).read_text())
 
