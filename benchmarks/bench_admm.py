@@ -1271,7 +1271,8 @@ def report(datas: list[dict[str, Any]], names: list[str]) -> None:
     print("\n".join(metas[0][1]["header"]))
     if len(metas) > 1:
         print(f"(headers of the other {len(metas) - 1} file(s): in their meta)")
-    print("commands: " + "; ".join(sorted({meta["command"] for _, meta in metas})))
+    commands = {c.strip() for _, meta in metas for c in meta["command"].split(" ; ")}
+    print("commands: " + " ; ".join(sorted(commands)))
     print("\n".join(meta_lines(metas, runs)))
     if notes:
         print("\n".join(f"note: {n}" for n in notes))
