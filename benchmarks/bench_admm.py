@@ -366,8 +366,11 @@ def ours_step(
     sparsity: str,
     allocation: str,
     methods: list[str],
+    run: str,
+    step: str,
 ) -> list[dict[str, Any]]:
-    """One `rose run` of these methods of the chunk at this allocation; its records."""
+    """One `rose run` (named `run`, chunk step `step`: run_name) of these methods of the chunk
+    at this allocation; its records."""
     import torch
     from bench_peer import check_pruned
 
@@ -375,7 +378,6 @@ def ours_step(
     from rose.layout import RunLayout
 
     a, setup = bench.args, bench.setup
-    run, step = run_name(chunk, allocation, sparsity, seed, methods)
     alloc: Any = UNIFORM
     if allocation == OWL:
         alloc = {"kind": OWL, "m": a.owl_m, "lambda": a.owl_lambda}
@@ -648,8 +650,8 @@ def run_chunk(bench: Bench, seed: int, sparsity: str, path: Path) -> None:
     if a.owl and not unstructured:
         print(f"{NAME}: no OWL at {sparsity} (N:M)", file=sys.stderr)
     for allocation, methods in missing_runs(chunk, sparsity, a.methods, owl_methods):
-        step = run_name(chunk, allocation, sparsity, seed, methods)[1]
-        chunk["runs"] += ours_step(bench, chunk, seed, sparsity, allocation, methods)
+        run, step = run_name(chunk, allocation, sparsity, seed, methods)
+        chunk["runs"] += ours_step(bench, chunk, seed, sparsity, allocation, methods, run, step)
         chunk["meta"]["steps_done"].append(step)
         chunk["meta"]["header"] = _header()
         owl.write_json(path, chunk)

@@ -519,12 +519,13 @@ def run_ours(setup: Setup, cfg_dict: dict[str, Any], run: str, tool: str) -> tup
     earlier = read_step_log(step_log)
     print(f"{tool}: {run}: rose run, {len(cfg.variants)} variants ...", file=sys.stderr)
     wall = _timed(cmd, env, setup.workdir / f"{run}.log")
-    result = json.loads(ours_result(setup, run).read_text())
+    result_file = ours_result(setup, run)
+    result = json.loads(result_file.read_text())
     every = read_step_log(step_log)
     if every[len(earlier) :] != result["timings"]:
         sys.exit(f"{tool}: {step_log} does not end with the run's own step timings")
     result.update(timings=every, timings_earlier=len(earlier))
-    write_json(ours_result(setup, run), result)
+    write_json(result_file, result)
     return cfg, wall
 
 
